@@ -1,0 +1,45 @@
+"""A preallocated per-layer key/value cache for next-token(s) diffusion.
+
+At inference the prefix (condition tokens, then the clean tokens of every finished AR step) never
+changes while later steps are denoised, so its keys/values are computed once. With the cache no
+attention mask is needed at all: the tokens being processed may see the whole prefix and each
+other, which is exactly the generalized causal rule for both the noisy tokens of the current step
+and the clean tokens of a step being appended.
+
+``write`` puts the new keys/values in the slots right after the prefix and returns views of
+prefix + new (no ``torch.cat``): noisy tokens of the current step overwrite the same slots at
+every diffusion step; ``commit(n)`` makes the last ``n`` written slots part of the prefix.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, max_len: int):
+        self.num_layers, self.max_len = num_layers, max_len
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.length = 0  # committed prefix length
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [B, H, n, hd] -> keys/values of prefix + these n tokens, [B, H, length + n, hd]."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > preallocated {self.max_len}")
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        kc, vc = self.keys[layer], self.values[layer]
+        if kc.shape[0] != k.shape[0]:
+            raise ValueError(f"KV cache holds batch {kc.shape[0]}, got {k.shape[0]}")
+        kc[:, :, self.length:end] = k
+        vc[:, :, self.length:end] = v
+        return kc[:, :, :end], vc[:, :, :end]
+
+    def commit(self, n: int) -> None:
+        """The last n written tokens become part of the prefix."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length + n} tokens > preallocated {self.max_len}")
+        self.length += n
