@@ -239,6 +239,8 @@ class CausalFusion(nn.Module):
         Returns eps tokens [B, K, L, P] in AR order.
         """
         b, k = xt.shape[:2]
+        if sum(group_sizes) != self.cfg.num_tokens:
+            raise ValueError(f"group sizes {list(group_sizes)} sum to {sum(group_sizes)}, not L={self.cfg.num_tokens}")
         num_tokens, n_clean = self.cfg.num_tokens, num_tokens_before_last(group_sizes)
         idx = order[..., None].expand(b, num_tokens, self.cfg.patch_dim)
         clean = torch.gather(self.patchify(x0), 1, idx)[:, :n_clean]

@@ -1,0 +1,130 @@
+"""Checkpoints: safetensors for every tensor, JSON for everything else; never a pickle.
+
+A run directory (``--ckpt DIR``) holds::
+
+    config.json          model / plan / training configuration (written once, checked on resume)
+    model.safetensors    raw weights            ema.safetensors   EMA weights (used for sampling)
+    train.safetensors    optimizer moments, RNG and data-stream state
+    state.json           step, optimizer hyper-parameters; written last = the commit marker
+
+Each file is written to a temporary name and renamed into place. Every safetensors file records
+the step in its metadata, so a checkpoint torn by a crash between renames is detected on load.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .models import CausalFusion, ModelConfig
+
+FILES = ("model.safetensors", "ema.safetensors", "train.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete, corrupt or does not match."""
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: is {path.parent} a causalfusion run directory?")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e})") from None
+
+
+def read_tensors(path: Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the checkpoint is incomplete")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several error types for damaged files
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
+    if step is not None and meta.get("step") != str(step):
+        raise CheckpointError(f"{path} is from step {meta.get('step')} but state.json says {step}: torn checkpoint")
+    return tensors
+
+
+def write_config(run_dir: str | Path, config: dict) -> None:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(Path(run_dir) / "config.json", config)
+
+
+def read_config(run_dir: str | Path) -> dict:
+    return read_json(Path(run_dir) / "config.json")
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, ema: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, extra: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write the training state of ``step``; ``extra`` holds RNG / data-stream tensors."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    opt = optimizer.state_dict()
+    train = {f"opt.{i}.{name}": v for i, s in opt["state"].items() for name, v in s.items()}
+    train.update({f"extra.{k}": v for k, v in extra.items()})
+    _atomic_save_tensors(run_dir / "model.safetensors", model.state_dict(), step)
+    _atomic_save_tensors(run_dir / "ema.safetensors", ema.state_dict(), step)
+    _atomic_save_tensors(run_dir / "train.safetensors", train, step)
+    _atomic_write_json(run_dir / "state.json", {**meta, "step": step, "param_groups": opt["param_groups"]})
+
+
+def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model, EMA and optimizer in place; return (state.json, extra tensors)."""
+    run_dir = Path(run_dir)
+    state = read_json(run_dir / "state.json")
+    step = state.get("step")
+    _load_weights(model, read_tensors(run_dir / "model.safetensors", step), run_dir / "model.safetensors")
+    _load_weights(ema, read_tensors(run_dir / "ema.safetensors", step), run_dir / "ema.safetensors")
+    train = read_tensors(run_dir / "train.safetensors", step)
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in train.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    extra = {k[len("extra."):]: v for k, v in train.items() if k.startswith("extra.")}
+    return state, extra
+
+
+def _load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path} does not fit the model in config.json ({first})") from None
+
+
+def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> CausalFusion:
+    """The model of a run directory, EMA weights by default, in eval mode."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {run_dir} does not exist")
+    config = read_config(run_dir)
+    try:
+        model = CausalFusion(ModelConfig.from_dict(config["model"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir}/config.json has no valid model config ({e})") from None
+    step = read_json(run_dir / "state.json").get("step")
+    path = run_dir / ("ema.safetensors" if ema else "model.safetensors")
+    _load_weights(model, read_tensors(path, step), path)
+    return model.to(device).eval()

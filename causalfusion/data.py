@@ -1,0 +1,138 @@
+"""Training data: scikit-learn's digits (built in, no download) and ImageFolder trees.
+
+Images are float tensors in [-1, 1], NCHW. Batches are drawn by a ``BatchStream`` whose only state
+is a torch.Generator, so a resumed run draws exactly the batches the uninterrupted run would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+DIGITS_SPLIT_SEED = 0  # fixed train/test split, shared by training, the classifier check and metrics
+
+
+def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn digits: images [N, 1, 8, 8] in [-1, 1] and labels [N] (train 80% / test 20%, stratified)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "test"):
+        raise ValueError(f"digits split must be 'train' or 'test', got {split!r}")
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=DIGITS_SPLIT_SEED, stratify=y)
+    x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
+    images = torch.from_numpy(x.astype(np.float32)).view(-1, 1, 8, 8) / 16.0 * 2.0 - 1.0
+    return images, torch.from_numpy(y.astype(np.int64))
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """ADM's center crop: halve with BOX while large, resize the short side to ``size`` (BICUBIC), crop."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def image_to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
+    """PIL image -> [C, H, W] float in [-1, 1]."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+    arr = arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+@dataclass
+class Dataset:
+    """A labelled image set held as tensors (digits) or as file paths (folders, loaded per batch)."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    channels: int
+    labels: torch.Tensor  # [N]
+    images: torch.Tensor | None = None  # [N, C, H, W] when held in memory
+    paths: list[Path] | None = None
+    classes: list[str] | None = None
+    flip: bool = False  # random horizontal flip (never for digits: a mirrored 3 is not a 3)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, index: torch.Tensor) -> torch.Tensor:
+        if self.images is not None:
+            return self.images[index]
+        return torch.stack([
+            image_to_tensor(center_crop_resize(Image.open(self.paths[i]), self.image_size), self.channels)
+            for i in index.tolist()
+        ])
+
+
+def load_folder(root: str | Path, image_size: int, channels: int = 3) -> Dataset:
+    """ImageFolder layout: ``root/<class name>/<image>``; classes sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for ci, name in enumerate(classes):
+        for f in sorted((root / name).rglob("*")):
+            if f.suffix.lower() in IMAGE_EXTS:
+                paths.append(f)
+                labels.append(ci)
+    if not paths:
+        raise ValueError(f"no images found under {root} (expected {root}/<class>/<image>.png)")
+    return Dataset(f"folder:{root}", len(classes), image_size, channels, torch.tensor(labels),
+                   paths=paths, classes=classes, flip=True)
+
+
+def load_dataset(spec: str, image_size: int | None = None, channels: int = 3) -> Dataset:
+    """``digits`` (8x8x1, 10 classes) or ``folder:PATH`` (resized/cropped to ``image_size``)."""
+    if spec == "digits":
+        if image_size not in (None, 8):
+            raise ValueError(f"digits images are 8x8, got --image-size {image_size}")
+        images, labels = load_digits_split("train")
+        return Dataset("digits", 10, 8, 1, labels, images=images, classes=[str(i) for i in range(10)])
+    if spec.startswith("folder:"):
+        return load_folder(spec[len("folder:"):], image_size or 32, channels)
+    raise ValueError(f"unknown dataset {spec!r}; use 'digits' or 'folder:PATH'")
+
+
+class BatchStream:
+    """Random batches (sampling with a fresh permutation per epoch) driven by one generator."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.gen = dataset, batch_size, generator
+        self._perm, self._pos = torch.empty(0, dtype=torch.long), 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> images [B, C, H, W], labels [B]."""
+        take = []
+        need = self.batch_size
+        while need > 0:
+            if self._pos >= len(self._perm):
+                self._perm, self._pos = torch.randperm(len(self.dataset), generator=self.gen), 0
+            chunk = self._perm[self._pos:self._pos + need]
+            self._pos += len(chunk)
+            need -= len(chunk)
+            take.append(chunk)
+        index = torch.cat(take)
+        x = self.dataset.get(index)
+        if self.dataset.flip:
+            flip = torch.rand(len(index), generator=self.gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, self.dataset.labels[index]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"perm": self._perm.clone(), "pos": torch.tensor(self._pos)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._perm, self._pos = state["perm"].clone(), int(state["pos"])

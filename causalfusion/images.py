@@ -1,0 +1,55 @@
+"""Image helpers: [-1, 1] tensors <-> uint8, PNG grids, ADM-style .npz sample files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (what the ADM evaluator reads)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int, pad: int = 1, scale: int = 1) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> one uint8 picture [rows*(H+pad)+pad, ...], ``nrow`` images per row.
+
+    ``scale`` enlarges each pixel (nearest) so that 8x8 digits are visible.
+    """
+    arr = to_uint8(images)
+    if scale > 1:
+        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
+    n, h, w, c = arr.shape
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = arr[i]
+    return grid
+
+
+def save_png(picture: np.ndarray, path: str | Path) -> None:
+    """Write an [H, W, C] uint8 array as PNG (atomically: temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 1) -> None:
+    save_png(make_grid(images, nrow, scale=scale), path)
+
+
+def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str | Path) -> None:
+    """ADM evaluator format: ``arr_0`` uint8 [N, H, W, C], ``labels`` int64 [N]."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, arr_0=to_uint8(images), labels=labels.cpu().numpy().astype(np.int64))
+    os.replace(tmp, path)

@@ -1,0 +1,47 @@
+"""The CausalFusion training objective (paper Eq. 5 with the AR-weighted Eq. 4).
+
+For a batch: draw the AR plan (S, cut points, orders, t), noise the image tokens with each token's
+own t, let the model predict the noise of all noisy tokens from [condition | clean prefix | noisy]
+under the generalized causal mask, and average the AR-weighted squared error.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ar_plan import ARPlan, ARPlanConfig, sample_plan
+from .diffusion import Diffusion, epsilon_loss
+from .models import CausalFusion
+
+
+def drop_labels(y: torch.Tensor, p: float, null: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by the null class with probability p (classifier-free guidance training)."""
+    if p <= 0:
+        return y
+    drop = torch.rand(y.shape, generator=generator) < p
+    return torch.where(drop.to(y.device), torch.full_like(y, null), y)
+
+
+def causalfusion_loss(
+    model: CausalFusion,
+    diffusion: Diffusion,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    plan_cfg: ARPlanConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, ARPlan]:
+    """Scalar loss for clean images x0 [B, C, H, W] and (already label-dropped) classes y [B]."""
+    b, device = x0.shape[0], x0.device
+    plan = sample_plan(plan_cfg, b, model.cfg.grid, diffusion.num_timesteps, generator)
+    k, num_tokens, p = plan_cfg.t_copies, model.cfg.num_tokens, model.cfg.patch_dim
+    order, t = plan.order.to(device), plan.t.to(device)
+
+    # Noise in token space; the plan's t are in AR order, so move them to raster positions first.
+    x0_tok = model.patchify(x0)  # [B, L, P]
+    noise = torch.randn((b, k, num_tokens, p), generator=generator).to(device)
+    t_raster = torch.empty_like(t).scatter_(2, order[:, None, :].expand(b, k, num_tokens), t)
+    xt_tok = diffusion.q_sample(x0_tok[:, None].expand(b, k, num_tokens, p), t_raster, noise)
+    xt = model.unpatchify(xt_tok.flatten(0, 1)).view(b, k, *x0.shape[1:])
+
+    eps = model(x0, xt, t, y, plan.group_sizes, order)  # [B, K, L, P], AR order
+    target = torch.gather(noise, 2, order[:, None, :, None].expand(b, k, num_tokens, p))
+    return epsilon_loss(eps, target, plan.weights.to(device)), plan

@@ -1,0 +1,201 @@
+"""Training loop: AdamW (0.9, 0.95), linear warmup then constant lr, clip 1.0, EMA, bf16 autocast.
+
+All randomness of a step (batch, label dropout, AR plan, noise) comes from one torch.Generator that
+is saved with the checkpoint, so ``resume`` continues bit-identically.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .ar_plan import ARPlanConfig
+from .checkpoint import CheckpointError, load_training_state, read_config, save_checkpoint, write_config
+from .data import BatchStream, Dataset, load_dataset
+from .diffusion import Diffusion
+from .images import save_grid
+from .models import CausalFusion, ModelConfig
+from .objective import causalfusion_loss, drop_labels
+from .sampling import sample_one_step
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    image_size: int | None = None  # folder data only (digits are 8x8)
+    out: str = "runs/train"
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-4
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    label_dropout: float = 0.1
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 25
+    ckpt_every: int = 500
+    sample_every: int = 500
+    sample_steps: int = 50  # DDPM steps for the periodic grids
+    samples_per_class: int = 8
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_precision(precision: str, device: str) -> None:
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16")
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        raise ValueError("fp16 on CPU is ~400x slower than fp32 here; use --precision bf16 (or fp32)")
+
+
+@dataclass
+class Trainer:
+    model_cfg: ModelConfig
+    plan_cfg: ARPlanConfig
+    cfg: TrainConfig
+    resume: bool = False
+    dataset: Dataset | None = None
+    step: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        c = self.cfg
+        check_precision(c.precision, c.device)
+        self.out = Path(c.out)
+        has_ckpt = (self.out / "state.json").exists()
+        if has_ckpt and not self.resume:
+            raise CheckpointError(f"{self.out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        if self.resume and not has_ckpt:
+            raise CheckpointError(f"nothing to resume: {self.out}/state.json not found")
+        self.dataset = self.dataset or load_dataset(c.data, c.image_size)
+        d = self.dataset
+        want = (d.image_size, d.channels, d.num_classes)
+        have = (self.model_cfg.image_size, self.model_cfg.in_channels, self.model_cfg.num_classes)
+        if want != have:
+            raise ValueError(f"model expects (image size, channels, classes) {have} but {d.name} has {want}")
+        self.plan_cfg.validate(self.model_cfg.num_tokens)
+        if not 0.0 <= c.ema_decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {c.ema_decay}")
+
+        torch.manual_seed(c.seed)  # weight init
+        self.model = CausalFusion(self.model_cfg).to(c.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.diffusion = Diffusion()
+        self.gen = torch.Generator().manual_seed(c.seed)
+        self.stream = BatchStream(d, c.batch_size, self.gen)
+        config = {"model": self.model_cfg.to_dict(), "plan": asdict(self.plan_cfg), "train": asdict(c),
+                  "classes": d.classes, "data": d.name}
+        if self.resume:
+            self._restore()
+        else:
+            write_config(self.out, config)
+
+    def _restore(self) -> None:
+        saved = read_config(self.out)
+        if saved.get("model") != self.model_cfg.to_dict():
+            diff = {k: (saved.get("model", {}).get(k), v) for k, v in self.model_cfg.to_dict().items()
+                    if saved.get("model", {}).get(k) != v}
+            raise CheckpointError(f"cannot resume {self.out}: model config differs from the checkpoint's (saved, given): {diff}")
+        state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
+        self.step = int(state["step"])
+        self.gen.set_state(extra["gen"])
+        self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / max(self.cfg.warmup, 1))
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step; returns loss, grad norm, lr and the number of AR steps drawn."""
+        c, dev = self.cfg, self.cfg.device
+        x0, y = self.stream.next()
+        y = drop_labels(y, c.label_dropout, self.model_cfg.num_classes, self.gen)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.model.train()
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
+            loss, plan = causalfusion_loss(self.model, self.diffusion, x0.to(dev), y.to(dev), self.plan_cfg, self.gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping (last checkpoint left as it was)")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                e.lerp_(p, 1.0 - c.ema_decay)
+        self.step += 1
+        return {"loss": loss.item(), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1), "ar_steps": plan.num_steps}
+
+    def save(self) -> None:
+        extra = {"gen": self.gen.get_state(), **self.stream.state()}
+        save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, extra, {"data": self.dataset.name})
+
+    def sample_grid(self, path: Path | None = None, steps: int | None = None) -> Path:
+        """Class-conditional S=1 samples of the EMA model, one row per class."""
+        n = self.cfg.samples_per_class
+        labels = torch.arange(self.model_cfg.num_classes).repeat_interleave(n)
+        images = sample_one_step(self.ema, labels, steps=steps or self.cfg.sample_steps, seed=self.cfg.seed)
+        path = path or self.out / "samples" / f"step_{self.step:07d}.png"
+        save_grid(images, path, nrow=n, scale=4 if self.model_cfg.image_size <= 16 else 1)
+        return path
+
+    def train(self, callbacks: list | None = None) -> dict[str, float]:
+        """Run until ``cfg.steps``; log CSV (+TensorBoard if installed), checkpoint, sample grids."""
+        c = self.cfg
+        log_path = self.out / "log.csv"
+        new_log = not log_path.exists()
+        writer = _tensorboard(self.out)
+        last: dict[str, float] = {}
+        with open(log_path, "a", newline="") as f:
+            log = csv.writer(f)
+            if new_log:
+                log.writerow(["step", "loss", "grad_norm", "lr", "ar_steps", "it_per_s"])
+            bar = tqdm(total=c.steps, initial=self.step, desc="train", disable=not c.progress, dynamic_ncols=True)
+            t0, s0, run_loss = time.perf_counter(), self.step, []
+            while self.step < c.steps:
+                last = self.train_step()
+                run_loss.append(last["loss"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.1e}")
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    ips = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
+                    mean = sum(run_loss) / len(run_loss)
+                    log.writerow([self.step, f"{mean:.6f}", f"{last['grad_norm']:.4f}", f"{last['lr']:.3e}", last["ar_steps"], f"{ips:.2f}"])
+                    f.flush()
+                    if writer:
+                        writer.add_scalar("train/loss", mean, self.step)
+                        writer.add_scalar("train/lr", last["lr"], self.step)
+                    run_loss = []
+                if self.step % c.ckpt_every == 0 or self.step == c.steps:
+                    self.save()
+                if c.sample_every and (self.step % c.sample_every == 0 or self.step == c.steps):
+                    self.sample_grid()
+                for cb in callbacks or []:
+                    cb(self, last)
+            bar.close()
+        if writer:
+            writer.close()
+        return last
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def param_count_str(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"

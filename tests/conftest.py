@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny CausalFusion models with a *random* output head.
+
+The real head is zero-initialised (so every prediction is exactly 0), which would make any
+"this input does / does not change the output" test vacuous; ``make_tiny_model`` overwrites it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from causalfusion.models import CausalFusion, ModelConfig
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(image_size=8, in_channels=2, patch_size=2, hidden_size=32, depth=2, num_heads=4,
+                num_classes=5, class_tokens=2, class_repeat=1)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def randomize_head(model: CausalFusion, seed: int = 0) -> CausalFusion:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=g) * 0.5)
+        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=g) * 0.1)
+        # the condition positions start near zero; make the class tokens clearly distinct
+        model.class_embed.weight.copy_(torch.randn(model.class_embed.weight.shape, generator=g))
+    return model
+
+
+def make_tiny_model(seed: int = 0, **overrides) -> CausalFusion:
+    torch.manual_seed(seed)
+    model = CausalFusion(tiny_config(**overrides)).eval()
+    return randomize_head(model, seed)
+
+
+@pytest.fixture
+def tiny_model() -> CausalFusion:
+    return make_tiny_model()
