@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
-from pathlib import Path
-
 import torch
 
 from .ar_plan import ORDERS, WEIGHTINGS, ARPlanConfig
@@ -32,7 +30,7 @@ def _pair(text: str) -> tuple[float, float]:
 
 
 # ---- train ------------------------------------------------------------------------------------
-MODEL_ARGS = ("patch_size", "class_tokens", "class_repeat", "learn_pos", "image_size")
+MODEL_ARGS = ("patch_size", "class_tokens", "class_repeat", "learn_pos", "image_size", "depth", "hidden_size", "num_heads")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +41,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="folder data: resize/crop to this size")
     p.add_argument("--channels", type=int, default=None, help="folder data: 1 (grey) or 3 (RGB, default)")
     p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None, help="override the preset's number of layers")
+    p.add_argument("--hidden-size", type=int, default=None, help="override the preset's width")
+    p.add_argument("--num-heads", type=int, default=None, help="override the preset's heads")
     p.add_argument("--class-tokens", type=int, default=None)
     p.add_argument("--class-repeat", type=int, default=None)
     p.add_argument("--learn-pos", action="store_true", default=None, help="learnable positional embedding")

@@ -1,24 +1,53 @@
-"""Sampling in one AR step (S = 1: the In-context DiT mode the paper's headline numbers use).
+"""Next-token(s) diffusion sampling (paper Sec. 3, Fig. 1 and 3b).
 
-DDPM ancestral sampling with the fixed large variance, respaced to ``steps`` (default 250), and
-classifier-free guidance on all channels: the conditional and null-class passes run as one doubled
-batch, and guidance applies only for original timesteps t in [lo, hi) (the CFG interval).
+The image is generated in S AR steps. At step s the tokens of group k_s start from pure noise and
+are denoised over T diffusion steps while attending to the condition tokens and the clean tokens
+of steps < s; then the new clean tokens are run once through the model to extend a per-layer
+key/value cache. S=1 is plain diffusion (the In-context DiT mode of the paper's headline numbers),
+S=L is token-by-token AR; any group sizes and any token order work in between.
 
-Every sample draws its noise from its own generator, seeded from (seed, index of the sample), so a
-sample does not depend on the batch it was drawn in.
+* ``sample`` is the general sampler (DDPM ancestral with the fixed large variance, as in the
+  release, or DDIM with η); ``sample_one_step`` is the original S=1 sampler, kept as the
+  reference the general one must reproduce at S=1.
+* With ``cache=True`` the keys/values of the condition tokens and of every finished group are
+  computed once (``KVCache``, preallocated for C + L tokens) and each diffusion step processes
+  only the current group. ``cache=False`` is the reference: at every diffusion step it runs the
+  whole sequence [condition | clean finished groups | noisy current group] under the generalized
+  causal mask. Both give the same images up to float round-off.
+* Classifier-free guidance on all channels: the conditional and null-class rows form one doubled
+  batch. The cache always holds both halves (the null rows need the clean prefix too); for t
+  outside the CFG interval [lo, hi) only the conditional rows run.
+* Every sample draws its noise from its own generator seeded from (seed, global index), and a
+  random token order from a second per-sample generator, so a sample does not depend on the
+  batch it was drawn in. Noise is drawn in image layout (a full [C, H, W] draw, of which the
+  current group's tokens are used), so S=1 consumes exactly the draws of ``sample_one_step``.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .ar_plan import ORDERS, equal_group_sizes, token_order
 from .diffusion import Diffusion
+from .kv_cache import KVCache
+from .masks import generalized_causal_mask
 from .models import CausalFusion
 
+SAMPLERS = ("ddpm", "ddim")
+_ORDER_SALT = 1 << 62  # keeps the order generators' seeds away from the noise generators'
 
+
+# ---- per-sample randomness ---------------------------------------------------------------------
 def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:
     """One CPU generator per sample, seeded from the run seed and the sample's global index."""
     return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+
+
+def order_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:
+    """Per-sample generators for the random token order (separate from the noise streams)."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + int(i) + _ORDER_SALT) % (1 << 64)) for i in indices]
 
 
 def per_sample_randn(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -26,14 +55,284 @@ def per_sample_randn(generators: list[torch.Generator], shape: tuple[int, ...], 
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+# ---- argument checks (each raises ValueError with one clear line) -------------------------------
 def check_cfg(scale: float, interval: tuple[float, float]) -> None:
     if scale < 0:
         raise ValueError(f"CFG scale must be >= 0, got {scale}")
     lo, hi = interval
     if not 0 <= lo <= hi <= 1000:
-        raise ValueError(f"CFG interval must satisfy 0 <= lo <= hi <= 1000, got {lo},{hi}")
+        raise ValueError(f"CFG interval must satisfy 0 <= lo <= hi <= 1000, got {lo:g},{hi:g}")
 
 
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {list(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
+        raise ValueError(f"class ids must be in 0..{num_classes - 1} (or {num_classes} for unconditional)")
+
+
+def resolve_groups(num_tokens: int, ar_steps: int | None = None, groups: Sequence[int] | None = None) -> list[int]:
+    """|k_1|..|k_S|: explicit ``groups`` (must sum to L), else S equal groups (default S=1)."""
+    if groups is not None:
+        if ar_steps is not None:
+            raise ValueError("give either the number of AR steps or the group sizes, not both")
+        sizes = [int(g) for g in groups]
+        if not sizes or any(g < 1 for g in sizes):
+            raise ValueError(f"group sizes must be positive integers, got {','.join(map(str, sizes)) or 'none'}")
+        if sum(sizes) != num_tokens:
+            raise ValueError(f"group sizes {','.join(map(str, sizes))} sum to {sum(sizes)}, "
+                             f"not the {num_tokens} tokens of an image")
+        return sizes
+    s = 1 if ar_steps is None else int(ar_steps)
+    if not 1 <= s <= num_tokens:
+        raise ValueError(f"number of AR steps must be in 1..{num_tokens} (tokens per image), got {s}")
+    return equal_group_sizes(num_tokens, s)
+
+
+def resolve_steps(steps: int | Sequence[int], num_ar_steps: int, num_timesteps: int = 1000) -> list[int]:
+    """Diffusion steps of every AR step: one number for all, or one per AR step."""
+    per = [int(v) for v in steps] if isinstance(steps, Sequence) else [int(steps)]
+    if len(per) == 1:
+        per = per * num_ar_steps
+    if len(per) != num_ar_steps:
+        raise ValueError(f"got {len(per)} diffusion step counts for {num_ar_steps} AR steps "
+                         f"(give one number, or one per AR step)")
+    bad = [v for v in per if not 1 <= v <= num_timesteps]
+    if bad:
+        raise ValueError(f"diffusion steps per AR step must be in 1..{num_timesteps}, got {bad[0]}")
+    return per
+
+
+def resolve_order(order: str | Sequence[int] | torch.Tensor, batch: int, grid: tuple[int, int],
+                  generators: list[torch.Generator] | None = None, block: int = 4, dilation: int = 2) -> torch.Tensor:
+    """Token orders [B, L] (raster index of each AR position) from a name or an explicit permutation.
+
+    ``random`` draws one permutation per sample from its own generator (``generators``).
+    An explicit order is a permutation of 0..L-1 ([L], shared) or one per sample ([B, L]).
+    """
+    num_tokens = grid[0] * grid[1]
+    if isinstance(order, str):
+        if order not in ORDERS:
+            raise ValueError(f"unknown token order {order!r}; choose one of {', '.join(ORDERS)} "
+                             f"or give a permutation of 0..{num_tokens - 1}")
+        if order == "random":
+            gens = generators if generators is not None else [None] * batch
+            if len(gens) != batch:
+                raise ValueError(f"need one order generator per sample, got {len(gens)} for {batch}")
+            return torch.stack([torch.randperm(num_tokens, generator=g) for g in gens])
+        return token_order(order, batch, grid, block=block, dilation=dilation)
+    perm = torch.as_tensor(order)
+    if perm.dtype.is_floating_point or perm.dtype == torch.bool:
+        raise ValueError("an explicit token order must be integers")
+    perm = perm.long()
+    if perm.ndim == 1:
+        perm = perm.unsqueeze(0).expand(batch, -1)
+    if perm.ndim != 2 or perm.shape != (batch, num_tokens):
+        raise ValueError(f"an explicit token order must be a permutation of 0..{num_tokens - 1} "
+                         f"(length {num_tokens}), got shape {list(torch.as_tensor(order).shape)}")
+    if not torch.equal(perm.sort(dim=1).values, torch.arange(num_tokens).expand(batch, -1)):
+        raise ValueError(f"the token order is not a permutation of 0..{num_tokens - 1}")
+    return perm.clone()
+
+
+# ---- the two ways of running the model on the current group ------------------------------------
+class _RowsView:
+    """The first ``rows`` rows of a KVCache (the conditional half of a CFG batch): same ``write``."""
+
+    def __init__(self, cache: KVCache, rows: int):
+        self.cache, self.rows = cache, rows
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        end = c.length + k.shape[2]
+        if end > c.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > preallocated {c.max_len}")
+        kc, vc = c.keys[layer][: self.rows], c.values[layer][: self.rows]
+        kc[:, :, c.length:end] = k
+        vc[:, :, c.length:end] = v
+        return kc[:, :, :end], vc[:, :, :end]
+
+
+class _CachedRunner:
+    """Condition + finished groups live in a preallocated KV cache; each call runs only the group."""
+
+    def __init__(self, model: CausalFusion, y: torch.Tensor):
+        c = model.cfg
+        self.model, self.rows = model, y.shape[0]  # rows: B, or 2B with CFG (null rows last)
+        self.cache = KVCache(c.depth, c.num_cond + c.num_tokens)  # the longest sequence ever seen
+        model.run_blocks(model.embed_cond(y), None, self.cache)
+        self.cache.commit(c.num_cond)
+
+    def eps(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        rows = tokens.shape[0]
+        cache = self.cache if rows == self.rows else _RowsView(self.cache, rows)
+        h = self.model.embed_tokens(tokens, pos, t)
+        return self.model.output(self.model.run_blocks(h, None, cache))
+
+    def commit(self, tokens: torch.Tensor, pos: torch.Tensor) -> None:
+        """A finished group's clean tokens [B, n, P] join the prefix (for the null rows too)."""
+        reps = self.rows // tokens.shape[0]
+        h = self.model.embed_tokens(tokens.repeat(reps, 1, 1), pos.repeat(reps, 1))
+        self.model.run_blocks(h, None, self.cache)
+        self.cache.commit(tokens.shape[1])
+
+
+class _UncachedRunner:
+    """Reference: the whole prefix is recomputed at every diffusion step, under the causal mask."""
+
+    def __init__(self, model: CausalFusion, y: torch.Tensor):
+        self.model, self.y = model, y
+        self.clean: list[torch.Tensor] = []  # clean tokens of finished groups, AR order
+        self.clean_pos: list[torch.Tensor] = []
+        self._mask_key, self._mask = None, None
+
+    def _mask_for(self, n: int, device: torch.device) -> torch.Tensor:
+        sizes = [t.shape[1] for t in self.clean] + [n]
+        if self._mask_key != sizes:
+            c = self.model.cfg.num_cond
+            full = generalized_causal_mask(sizes, c, device=device)
+            # Drop the noisy tokens of finished groups: nothing attends to them.
+            prefix = c + sum(sizes[:-1])
+            keep = torch.cat([torch.arange(prefix), torch.arange(full.shape[0] - n, full.shape[0])]).to(device)
+            self._mask_key, self._mask = sizes, full[keep][:, keep]
+        return self._mask
+
+    def eps(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        m, rows, n = self.model, tokens.shape[0], tokens.shape[1]
+        parts = [m.embed_cond(self.y[:rows])]
+        if self.clean:
+            reps = rows // self.clean[0].shape[0]  # CFG: the null rows share the clean tokens
+            clean = torch.cat(self.clean, 1).repeat(reps, 1, 1)
+            parts.append(m.embed_tokens(clean, torch.cat(self.clean_pos, 1).repeat(reps, 1)))
+        parts.append(m.embed_tokens(tokens, pos, t))
+        h = m.run_blocks(torch.cat(parts, 1), self._mask_for(n, tokens.device))
+        return m.output(h[:, -n:])
+
+    def commit(self, tokens: torch.Tensor, pos: torch.Tensor) -> None:
+        self.clean.append(tokens)
+        self.clean_pos.append(pos)
+
+
+# ---- the sampler -----------------------------------------------------------------------------------
+def _noise_tokens(model: CausalFusion, gens: list[torch.Generator], order_idx: torch.Tensor) -> torch.Tensor:
+    """A full-image standard normal draw per sample, as tokens in AR order [B, L, P]."""
+    c = model.cfg
+    img = per_sample_randn(gens, (c.in_channels, c.image_size, c.image_size), order_idx.device)
+    return torch.gather(model.patchify(img), 1, order_idx)
+
+
+def tokens_to_images(model: CausalFusion, tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Tokens in AR order [B, L, P] -> images [B, C, H, W]."""
+    idx = order[..., None].expand_as(tokens)
+    return model.unpatchify(torch.empty_like(tokens).scatter_(1, idx, tokens))
+
+
+@torch.no_grad()
+def sample(
+    model: CausalFusion,
+    labels: torch.Tensor,
+    *,
+    ar_steps: int | None = None,
+    groups: Sequence[int] | None = None,
+    order: str | Sequence[int] | torch.Tensor = "random",
+    steps: int | Sequence[int] = 250,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    cfg: float = 1.0,
+    cfg_interval: tuple[float, float] = (0, 1000),
+    seed: int = 0,
+    first_index: int = 0,
+    cache: bool = True,
+    block: int = 4,
+    dilation: int = 2,
+    path=None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Next-token(s) diffusion. labels [B] (``num_classes`` = unconditional) -> images [B, C, H, W].
+
+    ``ar_steps`` S (equal groups, default 1) or explicit ``groups`` |k_1|..|k_S| (sum L); ``order``
+    a name of ``ORDERS`` or a permutation; ``steps`` diffusion steps per AR step (one number, or one
+    per AR step; the paper's default is 250 DDPM steps); ``sampler`` ``ddpm`` (ancestral, fixed
+    large variance) or ``ddim`` with ``eta``; ``cfg``/``cfg_interval`` classifier-free guidance for
+    t in [lo, hi); ``first_index`` the global index of the first sample (per-sample seeding);
+    ``cache=False`` the uncached reference; ``path`` an optional ``GenerationPath`` recorder.
+    """
+    c = model.cfg
+    check_cfg(cfg, cfg_interval)
+    check_labels(labels, c.num_classes)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if eta < 0:
+        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+    sizes = resolve_groups(c.num_tokens, ar_steps, groups)
+    per_step = resolve_steps(steps, len(sizes))
+    device = next(model.parameters()).device
+    b, num_tokens, patch_dim = labels.shape[0], c.num_tokens, c.patch_dim
+    indices = range(first_index, first_index + b)
+    order = resolve_order(order, b, c.grid, order_generators(seed, indices), block, dilation).to(device)
+    if b == 0:
+        return torch.empty(0, c.in_channels, c.image_size, c.image_size, device=device)
+
+    gens = sample_generators(seed, indices)
+    order_idx = order[..., None].expand(b, num_tokens, patch_dim)
+    y = labels.to(device)
+    doubled = cfg != 1.0
+    y_all = torch.cat([y, torch.full_like(y, c.num_classes)]) if doubled else y
+    runner = (_CachedRunner if cache else _UncachedRunner)(model, y_all)
+    schedules = {n: Diffusion().respace(n) for n in set(per_step)}
+    x = torch.zeros(b, num_tokens, patch_dim, device=device)  # AR order; finished groups are clean
+    lo, hi = cfg_interval
+    bar = tqdm(total=sum(per_step), desc="sampling", disable=not progress, leave=False)
+    start = 0
+    for s, n in enumerate(sizes):
+        diffusion, stop = schedules[per_step[s]], start + n
+        pos = order[:, start:stop]
+        xs = _noise_tokens(model, gens, order_idx)[:, start:stop]
+        bar.set_description(f"AR step {s + 1}/{len(sizes)}")
+        for i in range(len(diffusion) - 1, -1, -1):
+            t = int(diffusion.timesteps[i])
+            guide = doubled and lo <= t < hi
+            rows = 2 * b if guide else b
+            t_in = torch.full((rows, 1), t, device=device)  # one embedding per row, broadcast over tokens
+            if guide:
+                eps_c, eps_u = runner.eps(torch.cat([xs, xs]), torch.cat([pos, pos]), t_in).float().chunk(2)
+                eps = eps_u + cfg * (eps_c - eps_u)
+            else:
+                eps = runner.eps(xs, pos, t_in).float()
+            if path is not None and path.wants(s, len(sizes), i, len(diffusion)):
+                x0 = diffusion.predict_x0(xs, i, eps)
+                _record(path, model, x, start, stop, x0 if path.show == "x0" else xs, order, s, len(sizes), i)
+            need_noise = i > 0 and (sampler == "ddpm" or eta > 0)
+            noise = _noise_tokens(model, gens, order_idx)[:, start:stop] if need_noise else torch.zeros_like(xs)
+            if sampler == "ddpm":
+                xs = diffusion.ddpm_step(xs, i, eps, noise)
+            else:
+                xs = diffusion.ddim_step(xs, i, eps, noise, eta)
+            bar.update(1)
+        x[:, start:stop] = xs
+        if s < len(sizes) - 1:  # the last group's clean tokens are never looked at
+            runner.commit(xs, pos)
+        start = stop
+    bar.close()
+    images = tokens_to_images(model, x, order)
+    if path is not None:
+        path.finish(images)
+    return images
+
+
+def _record(path, model, x, start, stop, current, order, s, num_ar_steps, i) -> None:
+    """Give the recorder the picture of this moment: done groups clean, the current group's
+    prediction (or noisy state), the rest pending."""
+    tokens = x.clone()
+    tokens[:, start:stop] = current
+    status = torch.full_like(x[..., :1], 2.0)  # 0 done, 1 current, 2 pending
+    status[:, :start] = 0.0
+    status[:, start:stop] = 1.0
+    pixels = tokens_to_images(model, status.expand_as(x).contiguous(), order)[:, :1]
+    path.add(tokens_to_images(model, tokens, order), pixels == 2.0, pixels == 1.0, s, num_ar_steps, i)
+
+
+# ---- the original S=1 sampler (the reference ``sample`` must match at S=1) ----------------------
 def guided_eps(eps_fn, x: torch.Tensor, t: int, y: torch.Tensor, null: int, scale: float,
                interval: tuple[float, float]) -> torch.Tensor:
     """eps for x at original timestep t, with classifier-free guidance when t is in [lo, hi).
@@ -68,8 +367,7 @@ def sample_one_step(
     """
     check_cfg(cfg, cfg_interval)
     c = model.cfg
-    if labels.numel() and (labels.min() < 0 or labels.max() > c.num_classes):
-        raise ValueError(f"class ids must be in 0..{c.num_classes - 1} (or {c.num_classes} for unconditional)")
+    check_labels(labels, c.num_classes)
     device = next(model.parameters()).device
     diffusion = Diffusion().respace(steps)
     gens = sample_generators(seed, range(first_index, first_index + len(labels)))

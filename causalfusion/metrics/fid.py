@@ -38,13 +38,19 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"covariances {sigma1.shape}, {sigma2.shape} do not match means of size {mu1.shape[0]}")
 
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():
+        # scipy warns when S1 S2 is singular (common: dead ReLU units, N < D); the reference code
+        # silences this too (``disp=False``) and checks the result for finiteness instead.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # S1 S2 is singular (e.g. fewer samples than dimensions): nudge both diagonals, as the
         # reference implementations do, instead of returning inf/nan.
         warnings.warn(f"FID: product of covariances is singular; adding {eps} to the diagonals", RuntimeWarning)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         # sqrtm of a product of PSD matrices is real in exact arithmetic; a small imaginary part is
         # round-off, a large one means the inputs were not covariance matrices.

@@ -1,0 +1,162 @@
+"""Training: overfitting, exact resume, EMA/lr rules, data, bad inputs at the API level."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from causalfusion.ar_plan import ARPlanConfig
+from causalfusion.checkpoint import CheckpointError, load_model
+from causalfusion.data import BatchStream, load_dataset, load_digits_split
+from causalfusion.diffusion import Diffusion
+from causalfusion.models import CausalFusion, ModelConfig
+from causalfusion.objective import causalfusion_loss, drop_labels
+from causalfusion.trainer import TrainConfig, Trainer
+
+
+def digits_model(**kw) -> ModelConfig:
+    return ModelConfig(**{**dict(image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2,
+                                 num_heads=4, num_classes=10, class_tokens=2), **kw})
+
+
+def small_train(out, **kw) -> TrainConfig:
+    return TrainConfig(**{**dict(out=str(out), steps=6, batch_size=8, lr=1e-3, warmup=2, ema_decay=0.9,
+                                 log_every=1, ckpt_every=3, sample_every=0, progress=False), **kw})
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = CausalFusion(digits_model(hidden_size=64))
+    x0, y = load_digits_split("train")
+    x0, y = x0[:4], y[:4]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    diffusion, plan = Diffusion(), ARPlanConfig(gamma=0.9)
+    losses = []
+    for _ in range(150):
+        # the same plan, t and noise every step: a memorisable target
+        loss, _ = causalfusion_loss(model, diffusion, x0, y, plan, torch.Generator().manual_seed(1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "a"))
+    straight.train()
+    half = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "b", steps=3))
+    half.train()
+    resumed = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "b"), resume=True)
+    assert resumed.step == 3
+    resumed.train()
+    for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    for p, q in zip(straight.ema.parameters(), resumed.ema.parameters()):
+        assert torch.equal(p, q)
+    log_a = (tmp_path / "a" / "log.csv").read_text().splitlines()
+    log_b = (tmp_path / "b" / "log.csv").read_text().splitlines()
+    loss = lambda lines: [line.split(",")[1] for line in lines[1:]]  # noqa: E731
+    assert loss(log_a) == loss(log_b) and len(log_a) == 7
+
+
+def test_resume_refuses_other_model_config(tmp_path):
+    Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=3)).train()
+    with pytest.raises(CheckpointError, match="model config differs"):
+        Trainer(digits_model(hidden_size=64), ARPlanConfig(), small_train(tmp_path), resume=True)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=3)).train()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path))
+    assert before == {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+
+def test_checkpoint_loads_ema_and_detects_corruption(tmp_path):
+    tr = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=3))
+    tr.train()
+    model = load_model(tmp_path)
+    for p, q in zip(model.parameters(), tr.ema.parameters()):
+        assert torch.equal(p, q)
+    data = (tmp_path / "ema.safetensors").read_bytes()
+    (tmp_path / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path)
+    (tmp_path / "ema.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path)
+
+
+def test_torn_checkpoint_is_detected(tmp_path):
+    tr = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=3))
+    tr.train()
+    state = json.loads((tmp_path / "state.json").read_text())
+    state["step"] = 99
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="torn"):
+        load_model(tmp_path)
+
+
+def test_nan_loss_stops_without_saving(tmp_path):
+    ds = load_dataset("digits")
+    ds.images = ds.images.clone()
+    ds.images[:] = float("nan")
+    tr = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path), dataset=ds)
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        tr.train()
+    assert not (tmp_path / "state.json").exists()
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="fp16"):
+        Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, precision="fp16"))
+
+
+def test_ema_and_warmup_rules(tmp_path):
+    tr = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, warmup=4, lr=1e-3, ema_decay=0.9))
+    assert [round(tr.lr_at(s), 8) for s in range(6)] == [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    before = [p.detach().clone() for p in tr.ema.parameters()]
+    tr.train_step()
+    for e0, e, p in zip(before, tr.ema.parameters(), tr.model.parameters()):
+        torch.testing.assert_close(e, 0.9 * e0 + 0.1 * p)
+
+
+def test_label_dropout_rate():
+    y = torch.zeros(20000, dtype=torch.long)
+    dropped = drop_labels(y, 0.1, 10, torch.Generator().manual_seed(0))
+    assert set(dropped.unique().tolist()) == {0, 10}
+    assert abs((dropped == 10).float().mean().item() - 0.1) < 0.01
+
+
+def test_digits_split():
+    xtr, ytr = load_digits_split("train")
+    xte, yte = load_digits_split("test")
+    assert xtr.shape[1:] == (1, 8, 8) and len(xtr) + len(xte) == 1797
+    assert xtr.min() >= -1 and xtr.max() <= 1 and set(ytr.tolist()) == set(range(10))
+    flat_tr = {tuple(r) for r in xtr.view(len(xtr), -1).tolist()}
+    assert sum(tuple(r) in flat_tr for r in xte.view(len(xte), -1).tolist()) < 10  # near-disjoint (duplicates exist)
+
+
+def test_folder_dataset_crops_and_labels(tmp_path):
+    for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        for i, size in enumerate(((40, 20), (16, 30))):
+            Image.new("RGB", size, color).save(tmp_path / cls / f"{i}.png")
+    ds = load_dataset(f"folder:{tmp_path}", image_size=12)
+    assert ds.classes == ["cat", "dog"] and ds.labels.tolist() == [0, 0, 1, 1]
+    x, y = BatchStream(ds, 4, torch.Generator().manual_seed(0)).next()
+    assert x.shape == (4, 3, 12, 12)
+    red = x[y == 0]
+    assert torch.allclose(red[:, 0], torch.ones_like(red[:, 0]), atol=0.02)
+    assert torch.allclose(red[:, 2], -torch.ones_like(red[:, 2]), atol=0.02)
+
+
+def test_empty_folder_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images found"):
+        load_dataset(f"folder:{tmp_path}", image_size=8)
