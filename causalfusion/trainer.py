@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -95,11 +96,18 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(c.seed)
         self.stream = BatchStream(d, c.batch_size, self.gen)
         config = {"model": self.model_cfg.to_dict(), "plan": asdict(self.plan_cfg), "train": asdict(c),
-                  "classes": d.classes, "data": d.name}
+                  "classes": d.classes, "data": d.name,
+                  # the latent space (None: pixels); `sample` decodes with it
+                  "autoencoder": getattr(d, "autoencoder", None)}
         if self.resume:
             self._restore()
-        else:
+        elif self.is_main:
             write_config(self.out, config)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and logs (False on ranks > 0 of a distributed run)."""
+        return True
 
     def _restore(self) -> None:
         saved = read_config(self.out)
@@ -114,6 +122,11 @@ class Trainer:
 
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(self.cfg.warmup, 1))
+
+    def ema_decay_at(self, step: int) -> float:
+        """EMA decay with a warm-up, min(decay, (1+step)/(10+step)): a short run's EMA would
+        otherwise still be mostly its random initialisation (0.999^1000 = 37% of it)."""
+        return min(self.cfg.ema_decay, (1.0 + step) / (10.0 + step))
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns loss, grad norm, lr and the number of AR steps drawn."""
@@ -132,8 +145,9 @@ class Trainer:
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.opt.step()
         with torch.no_grad():
+            decay = self.ema_decay_at(self.step)
             for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p, 1.0 - c.ema_decay)
+                e.lerp_(p, 1.0 - decay)
         self.step += 1
         return {"loss": loss.item(), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1), "ar_steps": plan.num_steps}
 
@@ -155,13 +169,14 @@ class Trainer:
         c = self.cfg
         log_path = self.out / "log.csv"
         new_log = not log_path.exists()
-        writer = _tensorboard(self.out)
+        writer = _tensorboard(self.out) if self.is_main else None
         last: dict[str, float] = {}
-        with open(log_path, "a", newline="") as f:
+        with open(log_path if self.is_main else os.devnull, "a", newline="") as f:
             log = csv.writer(f)
             if new_log:
                 log.writerow(["step", "loss", "grad_norm", "lr", "ar_steps", "it_per_s"])
-            bar = tqdm(total=c.steps, initial=self.step, desc="train", disable=not c.progress, dynamic_ncols=True)
+            bar = tqdm(total=c.steps, initial=self.step, desc="train", disable=not (c.progress and self.is_main),
+                       dynamic_ncols=True)
             t0, s0, run_loss = time.perf_counter(), self.step, []
             while self.step < c.steps:
                 last = self.train_step()

@@ -119,6 +119,9 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 def test_ema_and_warmup_rules(tmp_path):
     tr = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, warmup=4, lr=1e-3, ema_decay=0.9))
     assert [round(tr.lr_at(s), 8) for s in range(6)] == [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    for _ in range(100):  # past the EMA warm-up, (1+step)/(10+step) > 0.9
+        tr.train_step()
+    assert tr.ema_decay_at(0) == 0.1 and tr.ema_decay_at(1000) == 0.9
     before = [p.detach().clone() for p in tr.ema.parameters()]
     tr.train_step()
     for e0, e, p in zip(before, tr.ema.parameters(), tr.model.parameters()):
