@@ -76,15 +76,24 @@ def read_config(run_dir: str | Path) -> dict:
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, ema: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, extra: dict[str, torch.Tensor], meta: dict) -> None:
     """Write the training state of ``step``; ``extra`` holds RNG / data-stream tensors."""
+    save_checkpoint_states(run_dir, step, model.state_dict(), ema.state_dict(), optimizer.state_dict(), extra, meta)
+
+
+def save_checkpoint_states(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
+                           ema_state: dict[str, torch.Tensor], opt_state: dict, extra: dict[str, torch.Tensor],
+                           meta: dict) -> None:
+    """``save_checkpoint`` from full state dicts (a distributed run gathers them on rank 0 first).
+
+    ``opt_state`` is ``Optimizer.state_dict()``'s layout: parameters numbered in ``parameters()`` order.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    opt = optimizer.state_dict()
-    train = {f"opt.{i}.{name}": v for i, s in opt["state"].items() for name, v in s.items()}
+    train = {f"opt.{i}.{name}": v for i, s in opt_state["state"].items() for name, v in s.items()}
     train.update({f"extra.{k}": v for k, v in extra.items()})
-    _atomic_save_tensors(run_dir / "model.safetensors", model.state_dict(), step)
-    _atomic_save_tensors(run_dir / "ema.safetensors", ema.state_dict(), step)
+    _atomic_save_tensors(run_dir / "model.safetensors", model_state, step)
+    _atomic_save_tensors(run_dir / "ema.safetensors", ema_state, step)
     _atomic_save_tensors(run_dir / "train.safetensors", train, step)
-    _atomic_write_json(run_dir / "state.json", {**meta, "step": step, "param_groups": opt["param_groups"]})
+    _atomic_write_json(run_dir / "state.json", {**meta, "step": step, "param_groups": opt_state["param_groups"]})
 
 
 def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.nn.Module,

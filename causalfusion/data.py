@@ -65,13 +65,19 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def get(self, index: torch.Tensor) -> torch.Tensor:
+    def get(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Images [len(index), C, H, W]; ``flip`` (bool [len(index)]) mirrors the marked ones horizontally.
+
+        Subclasses (latent caches, on-the-fly VAE encoding) override this, flip semantics included.
+        """
         if self.images is not None:
-            return self.images[index]
-        return torch.stack([
-            image_to_tensor(center_crop_resize(Image.open(self.paths[i]), self.image_size), self.channels)
-            for i in index.tolist()
-        ])
+            x = self.images[index]
+        else:
+            x = torch.stack([
+                image_to_tensor(center_crop_resize(Image.open(self.paths[i]), self.image_size), self.channels)
+                for i in index.tolist()
+            ])
+        return x if flip is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def load_folder(root: str | Path, image_size: int, channels: int = 3) -> Dataset:
@@ -93,7 +99,7 @@ def load_folder(root: str | Path, image_size: int, channels: int = 3) -> Dataset
 
 
 def load_dataset(spec: str, image_size: int | None = None, channels: int = 3) -> Dataset:
-    """``digits`` (8x8x1, 10 classes) or ``folder:PATH`` (resized/cropped to ``image_size``)."""
+    """``digits`` (8x8x1, 10 classes), ``folder:PATH`` (resized/cropped to ``image_size``) or ``latents:DIR``."""
     if spec == "digits":
         if image_size not in (None, 8):
             raise ValueError(f"digits images are 8x8, got --image-size {image_size}")
@@ -101,7 +107,11 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3) ->
         return Dataset("digits", 10, 8, 1, labels, images=images, classes=[str(i) for i in range(10)])
     if spec.startswith("folder:"):
         return load_folder(spec[len("folder:"):], image_size or 32, channels)
-    raise ValueError(f"unknown dataset {spec!r}; use 'digits' or 'folder:PATH'")
+    if spec.startswith("latents:"):  # a cache written by `causalfusion cache-latents`
+        from .latent_cache import open_latent_cache
+
+        return open_latent_cache(spec[len("latents:"):], image_size=image_size)
+    raise ValueError(f"unknown dataset {spec!r}; use 'digits', 'folder:PATH' or 'latents:DIR'")
 
 
 class BatchStream:
@@ -115,6 +125,12 @@ class BatchStream:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> images [B, C, H, W], labels [B]."""
+        index, flip = self.next_indices()
+        return self.dataset.get(index, flip), self.dataset.labels[index]
+
+    def next_indices(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draw the next batch's dataset indices [B] and flips [B] (None without flip augmentation),
+        loading nothing: a distributed run draws the global batch on every rank, loads its share."""
         take = []
         need = self.batch_size
         while need > 0:
@@ -125,11 +141,8 @@ class BatchStream:
             need -= len(chunk)
             take.append(chunk)
         index = torch.cat(take)
-        x = self.dataset.get(index)
-        if self.dataset.flip:
-            flip = torch.rand(len(index), generator=self.gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, self.dataset.labels[index]
+        flip = torch.rand(len(index), generator=self.gen) < 0.5 if self.dataset.flip else None
+        return index, flip
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"perm": self._perm.clone(), "pos": torch.tensor(self._pos)}

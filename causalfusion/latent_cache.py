@@ -1,0 +1,272 @@
+"""Latent caching: encode a dataset once, then train from the latents (as MAR and fast-DiT do).
+
+A cache directory holds::
+
+    index.json                 settings (source, image size, autoencoder spec with its weights'
+                               sha256, flip, dtype), the shard list, and ``complete``
+    shard_00000.safetensors    ``mean`` [n, C, h, w] (scaled posterior means), ``mean_flip`` (the
+                               same for the horizontally flipped image, when cached), ``labels`` [n]
+
+Images are cached in dataset order (classes sorted by name, files sorted). Every shard is written
+to a temporary name and renamed, with its shard number and size in the metadata, so a killed run
+re-encodes only the shards that are missing (``cache_latents`` on the same directory continues).
+Under ``torchrun`` the shards are divided among the ranks.
+
+Training reads a cache as a ``Dataset`` (``--data latents:DIR``) with the augmentation semantics
+of the pixel pipeline: the same ADM center crop happened before encoding, and the random
+horizontal flip picks ``mean_flip`` instead of ``mean`` (a cache without flips trains without).
+``EncodedDataset`` does the same on the fly, without a cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .autoencoders import Autoencoder, AutoencoderError, check_same_autoencoder
+from .data import Dataset
+
+FORMAT = "causalfusion-latent-cache"
+VERSION = 1
+INDEX = "index.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Settings that must match for a cache to be continued.
+_SAME = ("format", "version", "source", "fingerprint", "num_images", "image_size", "image_channels",
+         "flip", "dtype", "shard_size")
+
+
+class CacheError(ValueError):
+    """A latent cache that is missing, incomplete, or does not fit the run."""
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """Identifies the images of a dataset: file names and sizes (folders) or the pixels (in memory)."""
+    h = hashlib.sha256()
+    h.update(ds.name.encode())
+    if ds.paths is not None:
+        for p in ds.paths:
+            h.update(f"{p}\0{p.stat().st_size}\0".encode())
+    elif ds.images is not None:
+        h.update(ds.images.float().numpy().tobytes())
+    h.update(ds.labels.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _shard_ok(path: Path, shard: int, count: int, flip: bool) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+    except Exception:  # a damaged file is simply encoded again
+        return False
+    need = {"mean", "labels"} | ({"mean_flip"} if flip else set())
+    return meta.get("shard") == str(shard) and meta.get("count") == str(count) and need <= keys
+
+
+def plan_shards(num_images: int, shard_size: int) -> list[dict]:
+    return [{"file": f"shard_{i:05d}.safetensors", "start": s, "count": min(shard_size, num_images - s)}
+            for i, s in enumerate(range(0, num_images, shard_size))]
+
+
+@torch.no_grad()
+def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: bool = True, shard_size: int = 2048,
+                  batch_size: int = 64, dtype: str = "float32", progress: bool = True,
+                  rank: int = 0, world: int = 1, barrier=None) -> dict:
+    """Encode ``dataset`` into ``out`` (or finish a cache started there). Returns the index.
+
+    ``rank``/``world`` split the shards among processes (``barrier`` synchronises them).
+    """
+    if dtype not in DTYPES:
+        raise CacheError(f"unknown latent dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if shard_size < 1 or batch_size < 1:
+        raise CacheError("shard size and batch size must be >= 1")
+    if dataset.channels != ae.image_channels:
+        raise CacheError(f"{dataset.name} has {dataset.channels}-channel images; the {ae.kind} autoencoder takes {ae.image_channels}")
+    out = Path(out)
+    latent = ae.latent_size(dataset.image_size)
+    index = {
+        "format": FORMAT, "version": VERSION, "source": dataset.name, "fingerprint": dataset_fingerprint(dataset),
+        "num_images": len(dataset), "num_classes": dataset.num_classes, "classes": dataset.classes,
+        "image_size": dataset.image_size, "image_channels": dataset.channels, "autoencoder": ae.spec(),
+        "latent_shape": [ae.channels, latent, latent], "flip": bool(flip), "dtype": dtype,
+        "shard_size": shard_size, "shards": plan_shards(len(dataset), shard_size), "complete": False,
+    }
+    path = out / INDEX
+    if path.exists():
+        old = _read_index(out)
+        for key in _SAME:
+            if old.get(key) != index[key]:
+                a, b = old.get(key), index[key]
+                if key == "fingerprint":
+                    key, a, b = "images (file list)", str(a)[:12], str(b)[:12]
+                raise CacheError(f"{out} holds a latent cache made with other settings ({key}: {a} vs {b}); "
+                                 f"choose another --out or delete it")
+        try:
+            check_same_autoencoder(old.get("autoencoder"), index["autoencoder"], "cached", "requested")
+        except AutoencoderError as e:
+            raise CacheError(f"{out} holds a latent cache made with other settings: {e}") from None
+        if old.get("complete"):
+            return old
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(path, index)
+    if barrier:
+        barrier()
+
+    shards = index["shards"]
+    mine = [i for i in range(len(shards)) if i % world == rank]
+    todo = [i for i in mine if not _shard_ok(out / shards[i]["file"], i, shards[i]["count"], flip)]
+    done_images = sum(shards[i]["count"] for i in mine if i not in todo)
+    bar = tqdm(total=sum(shards[i]["count"] for i in mine), initial=done_images, desc="caching latents",
+               disable=not progress or rank != 0, unit="img", dynamic_ncols=True)
+    for i in todo:
+        s = shards[i]
+        means, flips = [], []
+        for b0 in range(s["start"], s["start"] + s["count"], batch_size):
+            idx = torch.arange(b0, min(b0 + batch_size, s["start"] + s["count"]))
+            x = dataset.get(idx)
+            means.append(ae.encode(x))
+            if flip:
+                flips.append(ae.encode(x.flip(-1)))
+            bar.update(len(idx))
+        tensors = {"mean": torch.cat(means).to(DTYPES[dtype]).contiguous(),
+                   "labels": dataset.labels[s["start"]:s["start"] + s["count"]].clone()}
+        if flip:
+            tensors["mean_flip"] = torch.cat(flips).to(DTYPES[dtype]).contiguous()
+        tmp = out / (s["file"] + f".tmp{rank}")
+        save_file(tensors, str(tmp), metadata={"shard": str(i), "count": str(s["count"]), "start": str(s["start"])})
+        os.replace(tmp, out / s["file"])
+    bar.close()
+    if barrier:
+        barrier()
+    if rank == 0:
+        missing = [s["file"] for i, s in enumerate(shards) if not _shard_ok(out / s["file"], i, s["count"], flip)]
+        if missing:
+            raise CacheError(f"{len(missing)} shards still missing in {out} (e.g. {missing[0]}); run cache-latents again")
+        index["complete"] = True
+        _write_json(path, index)
+    if barrier:
+        barrier()
+    return index
+
+
+def _read_index(root: Path) -> dict:
+    path = root / INDEX
+    if not path.is_file():
+        raise CacheError(f"{root} is not a latent cache ({INDEX} not found); make one with `causalfusion cache-latents`")
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path} is corrupt ({e})") from None
+    if index.get("format") != FORMAT:
+        raise CacheError(f"{path} is not a causalfusion latent cache index")
+    return index
+
+
+class LatentDataset(Dataset):
+    """A finished latent cache as a training ``Dataset``: image_size/channels are the latent's."""
+
+    def __init__(self, root: str | Path, index: dict):
+        c, h, _ = index["latent_shape"]
+        self.root, self.index = Path(root), index
+        self._handles: dict[int, object] = {}
+        labels = []
+        for i, s in enumerate(index["shards"]):
+            labels.append(self._handle(i).get_tensor("labels"))
+        super().__init__(name=f"latents:{self.root}", num_classes=index["num_classes"], image_size=h, channels=c,
+                         labels=torch.cat(labels).long(), classes=index.get("classes"), flip=bool(index["flip"]))
+        self.autoencoder = {**index["autoencoder"], "image_size": index["image_size"]}
+
+    def _handle(self, shard: int):
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.root / self.index["shards"][shard]["file"]), framework="pt")
+        return self._handles[shard]
+
+    def get(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        c, h, w = self.index["latent_shape"]
+        out = torch.empty(len(index), c, h, w)
+        size = self.index["shard_size"]
+        for row, i in enumerate(index.tolist()):
+            shard, off = divmod(i, size)
+            key = "mean_flip" if flip is not None and bool(flip[row]) else "mean"
+            out[row] = self._handle(shard).get_slice(key)[off:off + 1][0].float()
+        return out
+
+    def __getstate__(self):  # safe_open handles do not pickle; reopen lazily
+        return {**self.__dict__, "_handles": {}}
+
+
+def open_latent_cache(root: str | Path, autoencoder: dict | None = None, image_size: int | None = None) -> LatentDataset:
+    """Open a finished cache; refuse (one line) if it was made with another autoencoder or image size."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CacheError(f"latent cache {root} does not exist")
+    index = _read_index(root)
+    if not index.get("complete"):
+        raise CacheError(f"latent cache {root} is incomplete; run `causalfusion cache-latents` with the same arguments to finish it")
+    if image_size is not None and image_size != index["image_size"]:
+        raise CacheError(f"latent cache {root} holds {index['image_size']}px images encoded, not --image-size {image_size}")
+    if autoencoder is not None:
+        try:
+            check_same_autoencoder(index["autoencoder"], autoencoder, "cached", "requested")
+        except AutoencoderError as e:
+            raise CacheError(f"latent cache {root}: {e}") from None
+    return LatentDataset(root, index)
+
+
+class EncodedDataset(Dataset):
+    """A pixel dataset seen through an autoencoder, encoded batch by batch (no cache)."""
+
+    def __init__(self, base: Dataset, ae: Autoencoder):
+        if base.channels != ae.image_channels:
+            raise AutoencoderError(f"{base.name} has {base.channels}-channel images; the {ae.kind} autoencoder takes {ae.image_channels}")
+        size = ae.latent_size(base.image_size)
+        super().__init__(name=base.name, num_classes=base.num_classes, image_size=size, channels=ae.channels,
+                         labels=base.labels, classes=base.classes, flip=base.flip)
+        self.base, self.ae = base, ae
+        self.autoencoder = {**ae.spec(), "image_size": base.image_size}
+
+    def get(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ae.encode(self.base.get(index, flip))
+
+
+def cache_dataset(data: str, out: str | Path, *, image_size: int | None = None, vae: str | None = None,
+                  vae_path: str | None = None, config: str | None = None, channels: int = 3, flip: bool = True,
+                  shard_size: int = 2048, batch_size: int = 64, dtype: str = "float32", device: str = "cpu",
+                  progress: bool = True) -> dict | None:
+    """``causalfusion cache-latents``: load the data and the VAE, encode (shards divided among the
+    ranks under torchrun). Returns the finished index on rank 0, None on the other ranks."""
+    from .autoencoders import load_autoencoder
+    from .data import load_dataset
+    from .distributed import barrier, finalize_distributed, init_distributed
+
+    if config is not None:
+        from .configs import get_config
+
+        preset = get_config(config)
+        image_size = image_size or preset.image_size
+        vae = vae or preset.vae
+    if data.startswith("latents:"):
+        raise CacheError("--data is already a latent cache")
+    ds = load_dataset(data, image_size, channels)
+    env = init_distributed(device)
+    ae = load_autoencoder(vae or "identity", vae_path, channels=ds.channels, device=device)
+    index = cache_latents(ds, out, ae, flip=flip and ds.flip, shard_size=shard_size, batch_size=batch_size,
+                          dtype=dtype, progress=progress, rank=env.rank, world=env.world,
+                          barrier=barrier if env.world > 1 else None)
+    finalize_distributed()
+    return index if env.is_main else None

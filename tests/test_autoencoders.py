@@ -1,0 +1,226 @@
+"""Autoencoders offline: tiny random AutoencoderKLs saved with save_pretrained, loaded from disk
+(never downloaded); the LDM -> diffusers conversion of MAR's KL-16 checked against an LDM-layout
+reference; missing weights refused with one line."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from causalfusion.autoencoders import (AutoencoderError, IdentityAutoencoder, autoencoder_from_spec,
+                                       check_same_autoencoder, convert_ldm_vae, decode_in_batches, kl16_config,
+                                       load_autoencoder, resolve_weights)
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def save_tiny_vae(path, latent_channels=4, seed=0, attn_last=False):
+    """A 2-level (2x) AutoencoderKL with random weights, saved as config.json + safetensors."""
+    torch.manual_seed(seed)
+    down = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D" if attn_last else "DownEncoderBlock2D")
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=down,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                                  latent_channels=latent_channels, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(str(path))
+    return vae
+
+
+def test_identity_is_pixel_space():
+    ae = IdentityAutoencoder(3)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.equal(ae.decode(ae.encode(x)), x) and ae.latent_size(8) == 8
+    assert ae.spec()["kind"] == "identity"
+
+
+def test_sd_vae_round_trips_through_save_pretrained(tmp_path):
+    raw = save_tiny_vae(tmp_path / "vae").eval()
+    ae = load_autoencoder("sd-vae", tmp_path / "vae")
+    assert (ae.channels, ae.downsample, ae.latent_size(16)) == (4, 2, 8)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    z = ae.encode(x)
+    assert z.shape == (3, 4, 8, 8) and z.dtype == torch.float32
+    with torch.no_grad():  # encode = posterior mean x 0.18215 (SD-VAE scale), decode inverts the scale
+        torch.testing.assert_close(z, raw.encode(x).latent_dist.mean * 0.18215)
+        torch.testing.assert_close(ae.decode(z), raw.decode(z / 0.18215).sample.clamp(-1, 1))
+    img = decode_in_batches(ae, z, batch_size=2)
+    assert img.shape == (3, 3, 16, 16) and img.min() >= -1 and img.max() <= 1
+    # the spec alone rebuilds it (what `sample` does from config.json)
+    spec = ae.spec()
+    assert spec["kind"] == "sd-vae" and spec["scale"] == 0.18215 and len(spec["weights_sha256"]) == 64
+    torch.testing.assert_close(autoencoder_from_spec(spec).encode(x), z)
+
+
+def test_weights_found_in_subfolder_and_hf_cache(tmp_path, monkeypatch):
+    save_tiny_vae(tmp_path / "pipe" / "vae")
+    assert resolve_weights(tmp_path / "pipe") == tmp_path / "pipe" / "vae"
+    # an already-populated Hugging Face cache: models--org--name/snapshots/<rev>/..., refs/main
+    import huggingface_hub.constants as hc
+
+    repo = tmp_path / "hub" / "models--someorg--tiny-vae"
+    snap = repo / "snapshots" / ("0" * 40)
+    save_tiny_vae(snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_weights("someorg/tiny-vae") == snap
+    assert load_autoencoder("sd-vae", "someorg/tiny-vae").channels == 4
+
+
+def test_missing_weights_are_one_clear_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    for path in (tmp_path / "nope", tmp_path / "half", None):  # None: the default repo id, not cached here
+        with pytest.raises(AutoencoderError) as e:
+            load_autoencoder("sd-vae", path)
+        msg = str(e.value)
+        assert "\n" not in msg and "diffusion_pytorch_model.safetensors" in msg and "nothing is downloaded" in msg
+    with pytest.raises(AutoencoderError, match="needs --vae-path"):
+        load_autoencoder("kl16")
+
+
+def test_wrong_channel_count_and_different_weights_are_refused(tmp_path):
+    save_tiny_vae(tmp_path / "four", latent_channels=4)
+    with pytest.raises(AutoencoderError, match="16"):
+        load_autoencoder("kl16", tmp_path / "four")
+    save_tiny_vae(tmp_path / "other", seed=1)
+    a = load_autoencoder("sd-vae", tmp_path / "four").spec()
+    b = load_autoencoder("sd-vae", tmp_path / "other").spec()
+    with pytest.raises(AutoencoderError, match="weights"):
+        check_same_autoencoder(a, b)
+    with pytest.raises(AutoencoderError, match="kind"):
+        check_same_autoencoder(a, {"kind": "kl16"})
+    check_same_autoencoder(a, {**a, "path": "/moved/elsewhere"})  # the location does not matter
+
+
+# ---- KL-16: LDM-layout weights (as MAR ships them) -> diffusers --------------------------------------
+class _Res(nn.Module):
+    def __init__(self, cin, cout, g):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(g, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(g, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class _Attn(nn.Module):
+    def __init__(self, c, g):
+        super().__init__()
+        self.norm = nn.GroupNorm(g, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (m(n).reshape(b, c, h * w) for m in (self.q, self.k, self.v))
+        a = torch.softmax(q.transpose(1, 2) @ k / c ** 0.5, dim=-1)  # [b, hw(q), hw(k)]
+        return x + self.proj_out((v @ a.transpose(1, 2)).reshape(b, c, h, w))
+
+
+class _LDMVAE(nn.Module):
+    """LDM's KL-VAE layout (MAR's kl16 with ch 8, ch_mult (1, 2), 1 res block, attention in the
+    encoder's last level), written from the LDM structure: encoder.down[i].block/attn/downsample,
+    mid.block_1/attn_1/block_2, decoder.up[i] (applied from the last level down), quant convs."""
+
+    def __init__(self, ch=8, mult=(1, 2), z=16, g=4):
+        super().__init__()
+        chans = [ch * m for m in mult]
+        enc, dec = nn.Module(), nn.Module()
+        enc.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        enc.down, cin = nn.ModuleList(), ch
+        for i, c in enumerate(chans):
+            lvl = nn.Module()
+            lvl.block, lvl.attn = nn.ModuleList([_Res(cin, c, g)]), nn.ModuleList()
+            if i == len(chans) - 1:
+                lvl.attn.append(_Attn(c, g))
+            else:
+                lvl.downsample = nn.Module()
+                lvl.downsample.conv = nn.Conv2d(c, c, 3, stride=2)
+            enc.down.append(lvl)
+            cin = c
+        for m in (enc, dec):
+            m.mid = nn.Module()
+            m.mid.block_1, m.mid.attn_1, m.mid.block_2 = _Res(cin, cin, g), _Attn(cin, g), _Res(cin, cin, g)
+            m.norm_out = nn.GroupNorm(g, chans[-1] if m is enc else chans[0], eps=1e-6)
+        enc.conv_out = nn.Conv2d(cin, 2 * z, 3, padding=1)
+        dec.conv_in = nn.Conv2d(z, chans[-1], 3, padding=1)
+        dec.up = nn.ModuleList([nn.Module() for _ in chans])
+        cin = chans[-1]
+        for i in reversed(range(len(chans))):
+            lvl = dec.up[i]
+            lvl.block = nn.ModuleList([_Res(cin if j == 0 else chans[i], chans[i], g) for j in range(2)])
+            lvl.attn = nn.ModuleList()
+            if i != 0:
+                lvl.upsample = nn.Module()
+                lvl.upsample.conv = nn.Conv2d(chans[i], chans[i], 3, padding=1)
+            cin = chans[i]
+        dec.conv_out = nn.Conv2d(chans[0], 3, 3, padding=1)
+        self.encoder, self.decoder = enc, dec
+        self.quant_conv, self.post_quant_conv = nn.Conv2d(2 * z, 2 * z, 1), nn.Conv2d(z, z, 1)
+
+    def encode_mean(self, x):
+        e = self.encoder
+        h = e.conv_in(x)
+        for lvl in e.down:
+            for j, blk in enumerate(lvl.block):
+                h = blk(h)
+                if len(lvl.attn):
+                    h = lvl.attn[j](h)
+            if hasattr(lvl, "downsample"):
+                h = lvl.downsample.conv(F.pad(h, (0, 1, 0, 1)))
+        h = e.mid.block_2(e.mid.attn_1(e.mid.block_1(h)))
+        return self.quant_conv(e.conv_out(F.silu(e.norm_out(h)))).chunk(2, dim=1)[0]
+
+    def decode(self, z):
+        d = self.decoder
+        h = d.mid.block_2(d.mid.attn_1(d.mid.block_1(d.conv_in(self.post_quant_conv(z)))))
+        for i in reversed(range(len(d.up))):
+            for blk in d.up[i].block:
+                h = blk(h)
+            if hasattr(d.up[i], "upsample"):
+                h = d.up[i].upsample.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return d.conv_out(F.silu(d.norm_out(h)))
+
+
+def test_kl16_conversion_reproduces_the_ldm_model(tmp_path):
+    torch.manual_seed(0)
+    ldm = _LDMVAE().eval()
+    with torch.no_grad():  # GroupNorm affine params away from 1/0, so a mix-up would show
+        for m in ldm.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    state = {f"model.{k}": v for k, v in ldm.state_dict().items()}  # MAR's {"model": ...} flattened
+    state["loss.logvar"] = torch.zeros(())  # training-only keys are skipped
+    save_file(state, str(tmp_path / "kl16.safetensors"))
+    config = kl16_config(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16,
+                         down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D",) * 2)
+    out = convert_ldm_vae(tmp_path / "kl16.safetensors", tmp_path / "kl16", config=config)
+    ae = load_autoencoder("kl16", out)
+    assert (ae.channels, ae.downsample, ae.scale) == (16, 2, 0.2325)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ae.encode(x), ldm.encode_mean(x) * 0.2325, atol=1e-5, rtol=1e-4)
+        z = torch.randn(2, 16, 8, 8)
+        torch.testing.assert_close(ae.decode(z * 0.2325), ldm.decode(z).clamp(-1, 1), atol=1e-5, rtol=1e-4)
+    with pytest.raises(AutoencoderError, match="safetensors"):
+        convert_ldm_vae(tmp_path / "kl16.ckpt", tmp_path / "x")
+
+
+def test_full_kl16_config_is_16x_16_channels():
+    cfg = kl16_config()
+    assert cfg["latent_channels"] == 16 and 2 ** (len(cfg["block_out_channels"]) - 1) == 16
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(**cfg)
+    names = {k for k, _ in vae.named_parameters()}
+    assert "encoder.down_blocks.4.attentions.1.to_q.weight" in names  # attention at 16 px, encoder only
+    assert not any(".attentions." in k for k in names if k.startswith("decoder.up_blocks"))

@@ -1,0 +1,179 @@
+"""Latent caching on a tiny ImageFolder of generated PNGs with a tiny random SD-VAE: the cache holds
+what the VAE gives (flips included), a killed caching run continues without re-encoding finished
+shards, training from the cache runs and resumes exactly, `sample` decodes to pixels, and a cache
+from another VAE or image size, an incomplete cache and an empty folder are refused in one line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from causalfusion.ar_plan import ARPlanConfig
+from causalfusion.autoencoders import load_autoencoder
+from causalfusion.cli import main
+from causalfusion.data import BatchStream, load_dataset
+from causalfusion.latent_cache import CacheError, EncodedDataset, cache_latents, open_latent_cache
+from causalfusion.models import ModelConfig
+from causalfusion.trainer import TrainConfig, Trainer
+
+diffusers = pytest.importorskip("diffusers")
+TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "4", "--batch-size", "4", "--sample-every", "0",
+        "--no-progress", "--log-every", "1", "--patch-size", "2"]
+
+
+def save_tiny_vae(path, seed=0):
+    torch.manual_seed(seed)
+    diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                            norm_num_groups=4, sample_size=16).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latents")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(5):  # odd sizes: the ADM center crop makes them 16x16
+            Image.fromarray(rng.integers(0, 256, (18 + i, 24, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
+    save_tiny_vae(root / "vae")
+    save_tiny_vae(root / "vae_other", seed=1)
+    cache = root / "cache"
+    assert main(["cache-latents", "--data", f"folder:{root / 'images'}", "--image-size", "16", "--vae", "sd-vae",
+                 "--vae-path", str(root / "vae"), "--out", str(cache), "--shard-size", "4", "--batch-size", "3",
+                 "--no-progress"]) == 0
+    return root
+
+
+def test_cache_holds_the_vae_latents_with_flips(world):
+    ds = load_dataset(f"folder:{world / 'images'}", 16)
+    ae = load_autoencoder("sd-vae", world / "vae")
+    lat = open_latent_cache(world / "cache")
+    assert (len(lat), lat.image_size, lat.channels, lat.num_classes, lat.flip) == (10, 8, 4, 2, True)
+    assert lat.labels.tolist() == ds.labels.tolist() and len(lat.index["shards"]) == 3
+    idx, flip = torch.tensor([0, 5, 9, 3]), torch.tensor([False, True, False, True])
+    torch.testing.assert_close(lat.get(idx), ae.encode(ds.get(idx)), atol=1e-6, rtol=1e-5)
+    # the cached flip is the encoding of the mirrored image (as MAR caches it), not a mirrored latent
+    torch.testing.assert_close(lat.get(idx, flip), ae.encode(ds.get(idx, flip)), atol=1e-6, rtol=1e-5)
+    # on-the-fly encoding gives the same batches as the cache
+    enc = EncodedDataset(ds, ae)
+    a = BatchStream(lat, 4, torch.Generator().manual_seed(0)).next()
+    b = BatchStream(enc, 4, torch.Generator().manual_seed(0)).next()
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=1e-5)
+    assert torch.equal(a[1], b[1])
+
+
+class _Counting:
+    """Wraps an autoencoder; counts encoded images, fails after ``fail_after`` calls (a killed run)."""
+
+    def __init__(self, ae, fail_after=None):
+        self.ae, self.fail_after, self.calls, self.images = ae, fail_after, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.ae, name)
+
+    def encode(self, x):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        self.images += len(x)
+        return self.ae.encode(x)
+
+
+def test_killed_caching_run_continues_without_reencoding(world, tmp_path):
+    ds = load_dataset(f"folder:{world / 'images'}", 16)
+    ae = load_autoencoder("sd-vae", world / "vae")
+    out = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):  # dies in the 2nd shard (4 images per shard, 2 per call, + flips)
+        cache_latents(ds, out, _Counting(ae, fail_after=5), shard_size=4, batch_size=2, progress=False)
+    assert (out / "shard_00000.safetensors").exists() and not (out / "shard_00001.safetensors").exists()
+    with pytest.raises(CacheError, match="incomplete"):
+        open_latent_cache(out)
+    before = (out / "shard_00000.safetensors").stat().st_mtime_ns
+    again = _Counting(ae)
+    index = cache_latents(ds, out, again, shard_size=4, batch_size=2, progress=False)
+    assert index["complete"] and again.images == 2 * 6  # shards 1 and 2 only (6 images, each also flipped)
+    assert (out / "shard_00000.safetensors").stat().st_mtime_ns == before
+    torch.testing.assert_close(open_latent_cache(out).get(torch.arange(10)),
+                               open_latent_cache(world / "cache").get(torch.arange(10)))
+    # other settings in the same directory are refused, not mixed in
+    with pytest.raises(CacheError, match="other settings"):
+        cache_latents(ds, out, ae, shard_size=4, batch_size=2, progress=False, flip=False)
+    with pytest.raises(CacheError, match="different autoencoder"):
+        cache_latents(ds, out, load_autoencoder("sd-vae", world / "vae_other"), shard_size=4, progress=False)
+
+
+def test_training_from_the_cache_runs_and_resumes_exactly(world, tmp_path):
+    lat = open_latent_cache(world / "cache")
+    model = ModelConfig(image_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4,
+                        num_classes=2, class_tokens=2)
+
+    def cfg(out, steps):
+        return TrainConfig(out=str(out), data=lat.name, image_size=16, steps=steps, batch_size=4, lr=1e-3,
+                           warmup=2, log_every=1, ckpt_every=2, sample_every=0, progress=False)
+
+    straight = Trainer(model, ARPlanConfig(), cfg(tmp_path / "a", 4), dataset=lat)
+    straight.train()
+    Trainer(model, ARPlanConfig(), cfg(tmp_path / "b", 2), dataset=open_latent_cache(world / "cache")).train()
+    resumed = Trainer(model, ARPlanConfig(), cfg(tmp_path / "b", 4), resume=True, dataset=open_latent_cache(world / "cache"))
+    resumed.train()
+    for p, q in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q)
+    spec = json.loads((tmp_path / "a" / "config.json").read_text())["autoencoder"]
+    assert spec["kind"] == "sd-vae" and spec["image_size"] == 16 and spec["scale"] == 0.18215
+
+
+def test_cli_train_from_cache_then_sample_decodes_to_pixels(world, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", f"latents:{world / 'cache'}", "--out", str(run), "--steps", "2", *TINY]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"]) == 0
+    npz = tmp_path / "s.npz"
+    assert main(["sample", "--ckpt", str(run), "--per-class", "2", "--steps", "3", "--out", str(tmp_path / "g.png"),
+                 "--npz", str(npz)]) == 0
+    data = np.load(npz)
+    assert data["arr_0"].shape == (4, 16, 16, 3) and data["labels"].tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--data", "latents:{cache}", "--image-size", "32", "--out", "{tmp}/r"], "holds 16px images"),
+    (["train", "--data", "latents:{cache}", "--vae", "sd-vae", "--vae-path", "{other}", "--out", "{tmp}/r"],
+     "different autoencoder"),
+    (["train", "--data", "latents:{cache}", "--vae", "kl16", "--out", "{tmp}/r"], "different autoencoder"),
+    (["train", "--data", "latents:{tmp}/nothing", "--out", "{tmp}/r"], "does not exist"),
+    (["train", "--data", "folder:{images}", "--image-size", "16", "--vae", "sd-vae", "--vae-path", "{tmp}/novae",
+      "--out", "{tmp}/r"], "VAE weights not found"),
+    (["cache-latents", "--data", "folder:{tmp}/empty", "--image-size", "16", "--out", "{tmp}/c"], "no images found"),
+    (["cache-latents", "--data", "folder:{images}", "--image-size", "16", "--vae", "sd-vae",
+      "--vae-path", "{tmp}/novae", "--out", "{tmp}/c"], "VAE weights not found"),
+    (["cache-latents", "--data", "folder:{images}", "--image-size", "16", "--vae", "sd-vae",
+      "--vae-path", "{other}", "--out", "{cache}", "--shard-size", "4"], "different autoencoder"),
+])
+def test_mismatches_are_refused_in_one_line(world, tmp_path, capsys, argv, needle):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    argv = [a.format(cache=world / "cache", other=world / "vae_other", images=world / "images", tmp=tmp_path)
+            for a in argv]
+    assert main([*argv, *(TINY if argv[0] == "train" else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
+def test_torchrun_divides_the_shards_among_processes(world, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "c2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "causalfusion.cli",
+           "cache-latents", "--data", f"folder:{world / 'images'}", "--image-size", "16", "--vae", "sd-vae",
+           "--vae-path", str(world / "vae"), "--out", str(out), "--shard-size", "3", "--no-progress"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("cached 10 images") == 1  # rank 0 reports
+    idx, flip = torch.arange(10), torch.arange(10) % 3 == 0
+    torch.testing.assert_close(open_latent_cache(out).get(idx, flip), open_latent_cache(world / "cache").get(idx, flip),
+                               atol=1e-6, rtol=1e-5)
