@@ -36,7 +36,6 @@ from .masks import generalized_causal_mask
 from .models import CausalFusion
 
 SAMPLERS = ("ddpm", "ddim")
-_ORDER_SALT = 1 << 62  # keeps the order generators' seeds away from the noise generators'
 
 
 # ---- per-sample randomness ---------------------------------------------------------------------
@@ -45,9 +44,15 @@ def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Gener
     return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
 
 
+def _mix32(x: int) -> int:
+    """A bijection of 32-bit ints (odd multiply, xor-shift): the CPU generator keeps 32 seed bits."""
+    x = (x * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
 def order_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:
-    """Per-sample generators for the random token order (separate from the noise streams)."""
-    return [torch.Generator().manual_seed((seed * 1_000_003 + int(i) + _ORDER_SALT) % (1 << 64)) for i in indices]
+    """Per-sample generators for the random token order, a stream apart from the sample's noise."""
+    return [torch.Generator().manual_seed(_mix32(seed * 1_000_003 + int(i))) for i in indices]
 
 
 def per_sample_randn(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -321,15 +326,14 @@ def sample(
 
 
 def _record(path, model, x, start, stop, current, order, s, num_ar_steps, i) -> None:
-    """Give the recorder the picture of this moment: done groups clean, the current group's
-    prediction (or noisy state), the rest pending."""
+    """Give the recorder the picture of this moment: finished groups clean, the current group's
+    prediction (or noisy state), the groups to come marked pending."""
     tokens = x.clone()
     tokens[:, start:stop] = current
-    status = torch.full_like(x[..., :1], 2.0)  # 0 done, 1 current, 2 pending
-    status[:, :start] = 0.0
-    status[:, start:stop] = 1.0
-    pixels = tokens_to_images(model, status.expand_as(x).contiguous(), order)[:, :1]
-    path.add(tokens_to_images(model, tokens, order), pixels == 2.0, pixels == 1.0, s, num_ar_steps, i)
+    pending = torch.zeros_like(x)
+    pending[:, stop:] = 1.0
+    pixels = tokens_to_images(model, pending, order)[:, :1] > 0.5
+    path.add(tokens_to_images(model, tokens, order), pixels, s, num_ar_steps, i)
 
 
 # ---- the original S=1 sampler (the reference ``sample`` must match at S=1) ----------------------

@@ -1,0 +1,253 @@
+"""Next-token(s) diffusion sampling: the KV cache against the uncached reference, S=1 against the
+one-step sampler, determinism across batch sizes, CFG interval, DDIM, refusals, GIF and CLI.
+
+The equality tests need samples of a sane size: with a random head the DDPM trajectory explodes
+(x0 = x_t / sqrt(ā_t) with ā_t ~ 4e-5 at t=999) and fp32 round-off scales with it. So the model
+here is a depth-2, 32-wide CausalFusion fitted for a few seconds to a toy 5-class data set (with
+the real objective and AR plan); its samples stay O(1) and the 1e-4 tolerance is meaningful.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from causalfusion import sampling
+from causalfusion.ar_plan import ARPlanConfig
+from causalfusion.checkpoint import save_checkpoint, write_config
+from causalfusion.cli import main
+from causalfusion.diffusion import Diffusion
+from causalfusion.generation_path import GenerationPath
+from causalfusion.kv_cache import KVCache
+from causalfusion.models import CausalFusion
+from causalfusion.objective import causalfusion_loss, drop_labels
+from causalfusion.sampling import resolve_groups, resolve_order, sample, sample_one_step
+from conftest import tiny_config
+
+TOL = 1e-4
+L = 16  # 8x8 images, patch 2
+ORDER_CASES = ["random", "raster", "block", "dilated", [int(v) for v in torch.randperm(L, generator=torch.Generator().manual_seed(5))]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is faster and kinder to a shared machine
+    torch.manual_seed(0)
+    m = CausalFusion(tiny_config(in_channels=1)).train()
+    g = torch.Generator().manual_seed(0)
+    k = m.cfg.num_classes
+    protos = torch.randn(k, 1, 8, 8, generator=g).clamp(-1, 1)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    diffusion, plan = Diffusion(), ARPlanConfig(gamma=0.9)
+    for _ in range(300):
+        y = torch.randint(0, k, (16,), generator=g)
+        x0 = (protos[y] + 0.1 * torch.randn(16, 1, 8, 8, generator=g)).clamp(-1, 1)
+        loss, _ = causalfusion_loss(m, diffusion, x0, drop_labels(y, 0.1, k, g), plan, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    yield m.eval()
+    torch.set_num_threads(threads)
+
+
+LABELS = torch.tensor([0, 1, 3, 4])
+
+
+def max_diff(a, b) -> float:
+    return float((a - b).abs().max())
+
+
+# ---- the KV cache is exact ---------------------------------------------------------------------
+@pytest.mark.parametrize("order", ORDER_CASES, ids=["random", "raster", "block", "dilated", "explicit"])
+@pytest.mark.parametrize("S", [1, 2, 4, L])
+def test_cache_matches_uncached_reference(model, S, order):
+    kw = dict(ar_steps=S, order=order, steps=20, seed=1)
+    a = sample(model, LABELS, **kw)
+    b = sample(model, LABELS, cache=False, **kw)
+    assert a.shape == (4, 1, 8, 8) and torch.isfinite(a).all()
+    assert a.abs().max() < 20  # sane samples: the tolerance means something
+    assert max_diff(a, b) <= TOL
+
+
+@pytest.mark.parametrize("kw", [
+    dict(groups=[3, 5, 8], cfg=2.0, cfg_interval=(0, 600)),
+    dict(ar_steps=4, sampler="ddim", eta=0.0, cfg=1.5),
+    dict(ar_steps=4, sampler="ddim", eta=0.7, steps=[12, 6, 4, 3]),
+    dict(groups=[1, 14, 1], order="dilated", cfg=3.0, cfg_interval=(300, 1000)),
+], ids=["groups-cfg-interval", "ddim", "ddim-eta-schedule", "uneven-cfg"])
+def test_cache_matches_uncached_with_cfg_ddim_schedules(model, kw):
+    kw = {"steps": 12, "seed": 2, **kw}
+    a = sample(model, LABELS, **kw)
+    # relative to the sample size: deterministic DDIM drives this toy model's samples far out of
+    # range (|x| ~ 90), and fp32 round-off grows with them
+    assert max_diff(a, sample(model, LABELS, cache=False, **kw)) <= TOL * max(1.0, float(a.abs().max()))
+
+
+@torch.no_grad()
+def test_cache_processes_only_the_current_group_and_is_preallocated(model, monkeypatch):
+    seen, ptrs = [], set()
+
+    class Spy(KVCache):
+        def write(self, layer, k, v):
+            out = super().write(layer, k, v)
+            ptrs.add((layer, self.keys[layer].data_ptr(), self.keys[layer].shape))
+            return out
+
+    monkeypatch.setattr(sampling, "KVCache", Spy)
+    hook = model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    try:
+        sample(model, LABELS, ar_steps=4, steps=5, cfg=2.0)
+    finally:
+        hook.remove()
+    c = model.cfg.num_cond
+    assert seen[0] == c and set(seen[1:]) == {4}  # condition once, then only 4-token groups
+    assert len(seen) == 1 + 4 * 5 + 3  # 20 diffusion steps + 3 commits (the last group is never cached)
+    # one buffer per layer for the whole run, sized for C + L, twice the batch for CFG
+    assert len(ptrs) == model.cfg.depth
+    assert {shape for _, _, shape in ptrs} == {(8, model.cfg.num_heads, c + L, model.cfg.hidden_size // model.cfg.num_heads)}
+
+
+# ---- S=1 is the one-step sampler ---------------------------------------------------------------
+@pytest.mark.parametrize("cfg, interval", [(1.0, (0, 1000)), (2.5, (0, 700))])
+@pytest.mark.parametrize("order", ["random", "raster"])
+def test_s1_equals_one_step_sampler(model, cfg, interval, order):
+    ref = sample_one_step(model, LABELS, steps=8, cfg=cfg, cfg_interval=interval, seed=4, first_index=3)
+    for cache in (True, False):
+        out = sample(model, LABELS, ar_steps=1, order=order, steps=8, cfg=cfg, cfg_interval=interval,
+                     seed=4, first_index=3, cache=cache)
+        assert max_diff(out, ref) <= TOL
+
+
+# ---- determinism -------------------------------------------------------------------------------
+def test_deterministic_whatever_the_batch_size(model):
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    kw = dict(ar_steps=4, order="random", steps=5, cfg=2.0, cfg_interval=(0, 700), seed=7)
+    whole = sample(model, labels, **kw)
+    assert torch.equal(whole, sample(model, labels, **kw))
+    parts = torch.cat([sample(model, labels[:1], first_index=0, **kw),
+                       sample(model, labels[1:4], first_index=1, **kw),
+                       sample(model, labels[4:], first_index=4, **kw)])
+    assert max_diff(whole, parts) <= TOL
+    assert max_diff(whole, sample(model, labels, **{**kw, "seed": 8})) > 1e-2
+
+
+def test_random_orders_are_per_sample():
+    grid = (4, 4)
+    gens = lambda idx: sampling.order_generators(3, idx)  # noqa: E731
+    full = resolve_order("random", 5, grid, gens(range(5)))
+    assert torch.equal(full[2:4], resolve_order("random", 2, grid, gens(range(2, 4))))
+    assert not torch.equal(full[0], full[1])
+    assert all(sorted(o.tolist()) == list(range(16)) for o in full)
+    # the order stream is not the noise stream of any sample
+    assert not torch.equal(full[0], torch.randperm(16, generator=sampling.sample_generators(3, [0])[0]))
+
+
+def test_orders_change_the_samples_for_s_above_1(model):
+    kw = dict(ar_steps=4, steps=5, seed=1)
+    assert max_diff(sample(model, LABELS, order="raster", **kw), sample(model, LABELS, order="dilated", **kw)) > 1e-3
+
+
+# ---- CFG interval ------------------------------------------------------------------------------
+def test_cfg_interval_selects_the_guided_steps(model):
+    kw = dict(ar_steps=2, steps=6, seed=3)
+    plain = sample(model, LABELS, **kw)
+    # an empty interval never guides: same as no guidance, although the null rows are cached
+    assert max_diff(sample(model, LABELS, cfg=4.0, cfg_interval=(500, 500), **kw), plain) <= TOL
+    guided = sample(model, LABELS, cfg=4.0, **kw)
+    part = sample(model, LABELS, cfg=4.0, cfg_interval=(0, 500), **kw)
+    assert max_diff(guided, plain) > 1e-2 and max_diff(part, plain) > 1e-3 and max_diff(part, guided) > 1e-3
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, needle", [
+    (dict(groups=[4, 4, 4]), "sum to 12, not the 16 tokens"),
+    (dict(groups=[8, 0, 8]), "positive integers"),
+    (dict(ar_steps=0), "must be in 1..16"),
+    (dict(ar_steps=17), "must be in 1..16"),
+    (dict(ar_steps=2, groups=[8, 8]), "not both"),
+    (dict(order=[0] * 16), "not a permutation"),
+    (dict(order=list(range(15))), "permutation of 0..15"),
+    (dict(order=list(range(1, 17))), "not a permutation"),
+    (dict(order="spiral"), "unknown token order"),
+    (dict(cfg=2.0, cfg_interval=(-1, 500)), "CFG interval"),
+    (dict(cfg=2.0, cfg_interval=(0, 1001)), "CFG interval"),
+    (dict(cfg=2.0, cfg_interval=(700, 600)), "CFG interval"),
+    (dict(ar_steps=2, steps=[5, 5, 5]), "3 diffusion step counts for 2 AR steps"),
+    (dict(steps=0), "in 1..1000"),
+    (dict(sampler="euler"), "unknown sampler"),
+    (dict(sampler="ddim", eta=-0.1), "eta"),
+])
+def test_bad_arguments_are_refused_with_one_line(model, kw, needle):
+    with pytest.raises(ValueError) as e:
+        sample(model, LABELS, **{"steps": 2, **kw})
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_resolve_groups_defaults():
+    assert resolve_groups(16) == [16]
+    assert resolve_groups(16, 4) == [4, 4, 4, 4]
+    assert resolve_groups(16, 3) == [6, 5, 5]
+    assert resolve_groups(16, groups=[1, 15]) == [1, 15]
+
+
+# ---- generation path GIF and the CLI ------------------------------------------------------------
+def test_generation_path_gif(model, tmp_path):
+    path = GenerationPath(frames_per_ar_step=3)
+    images = sample(model, LABELS, ar_steps=4, steps=5, path=path)
+    assert len(path.frames) == 4 * 3
+    # frame 0: the first group appears, the other 12 tokens (48 pixels per sample) are pending
+    assert int(path.frames[0][1].sum()) == 4 * 48 and int(path.frames[-1][1].sum()) == 0
+    assert torch.equal(path.final, images)
+    gif = path.save_gif(tmp_path / "path.gif")
+    with Image.open(gif) as im:
+        # + the final images, held (Pillow merges it into the last frame when they are the same picture)
+        assert im.n_frames in (4 * 3, 4 * 3 + 1) and im.size[0] > 16
+
+
+def test_generation_path_caps_the_frames_for_large_s():
+    path = GenerationPath(frames_per_ar_step=8, max_frames=4)
+    kept = [(s, i) for s in range(16) for i in range(10) if path.wants(s, 16, i, 10)]
+    assert kept == [(3, 0), (7, 0), (11, 0), (15, 0)]
+    path = GenerationPath(frames_per_ar_step=8, max_frames=16)
+    assert sum(path.wants(s, 4, i, 10) for s in range(4) for i in range(10)) == 16  # 4 per AR step
+
+
+@pytest.fixture(scope="module")
+def run_dir(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    write_config(out, {"model": model.cfg.to_dict()})
+    save_checkpoint(out, 1, model, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {})
+    return out
+
+
+def test_cli_sample_ar_steps_gif_npz(run_dir, tmp_path, capsys):
+    png, npz, gif = tmp_path / "g.png", tmp_path / "s.npz", tmp_path / "p.gif"
+    argv = ["sample", "--ckpt", str(run_dir), "--n", "6", "--batch-size", "4", "--class", "1,2", "--steps", "4",
+            "--ar-steps", "4", "--order", "dilated", "--cfg", "1.5", "--cfg-interval", "0,700",
+            "--out", str(png), "--npz", str(npz), "--path-gif", str(gif)]
+    assert main(argv) == 0
+    assert png.exists() and npz.exists() and gif.exists()
+    assert "S=4 AR steps (groups 4,4,4,4)" in capsys.readouterr().out
+    assert main(argv[:-6] + ["--no-cache", "--sampler", "ddim", "--groups", "2,6,8", "--ar-steps", "3",
+                             "--out", str(png)]) == 2  # --groups and --ar-steps together
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--groups", "4,4"], "sum to 8"),
+    (["--ar-steps", "17"], "must be in 1..16"),
+    (["--order", "0,1,2"], "permutation"),
+    (["--order", "zigzag"], "unknown token order"),
+    (["--cfg", "2", "--cfg-interval", "0,1200"], "CFG interval"),
+    (["--cfg-interval", "7"], "--cfg-interval expects LO,HI"),
+    (["--steps", "10,x"], "--steps expects comma-separated integers"),
+    (["--sampler", "heun"], "unknown sampler"),
+    (["--uncond", "--check-digits"], "--check-digits"),
+])
+def test_cli_bad_sampling_input_is_one_line(run_dir, tmp_path, capsys, extra, needle):
+    out = tmp_path / "x.png"
+    assert main(["sample", "--ckpt", str(run_dir), "--n", "2", "--steps", "2", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
