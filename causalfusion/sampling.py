@@ -252,6 +252,8 @@ def sample(
     dilation: int = 2,
     path=None,
     progress: bool = False,
+    known: torch.Tensor | None = None,
+    known_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token(s) diffusion. labels [B] (``num_classes`` = unconditional) -> images [B, C, H, W].
 
@@ -261,6 +263,13 @@ def sample(
     large variance) or ``ddim`` with ``eta``; ``cfg``/``cfg_interval`` classifier-free guidance for
     t in [lo, hi); ``first_index`` the global index of the first sample (per-sample seeding);
     ``cache=False`` the uncached reference; ``path`` an optional ``GenerationPath`` recorder.
+
+    Editing (``causalfusion.editing``): ``known`` images [B, C, H, W] (model space) and
+    ``known_tokens`` bool [L] or [B, L] (raster token index, True = kept; the same count in every
+    row) make the kept tokens a clean first AR step, committed to the cache like a finished group;
+    ``ar_steps``/``groups``/``order`` then apply to the other tokens only (the order keeps its
+    relative order of them), and the kept tokens come back bit-identical. With no token kept this
+    is plain sampling, draw for draw.
     """
     c = model.cfg
     check_cfg(cfg, cfg_interval)
@@ -269,12 +278,16 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if eta < 0:
         raise ValueError(f"DDIM eta must be >= 0, got {eta}")
-    sizes = resolve_groups(c.num_tokens, ar_steps, groups)
-    per_step = resolve_steps(steps, len(sizes))
+    keep = _known_tokens(known, known_tokens, labels.shape[0], c)  # None: nothing known, plain sampling
+    n_known = 0 if keep is None else int(keep[0].sum())
+    sizes = resolve_groups(c.num_tokens - n_known, ar_steps, groups) if n_known < c.num_tokens else []
+    per_step = resolve_steps(steps, len(sizes)) if sizes else []
     device = next(model.parameters()).device
     b, num_tokens, patch_dim = labels.shape[0], c.num_tokens, c.patch_dim
     indices = range(first_index, first_index + b)
     order = resolve_order(order, b, c.grid, order_generators(seed, indices), block, dilation).to(device)
+    if keep is not None:  # the known tokens first, the others in the order's relative order
+        order = order.gather(1, torch.argsort((~keep.to(device).gather(1, order)).int(), dim=1, stable=True))
     if b == 0:
         return torch.empty(0, c.in_channels, c.image_size, c.image_size, device=device)
 
@@ -289,6 +302,11 @@ def sample(
     lo, hi = cfg_interval
     bar = tqdm(total=sum(per_step), desc="sampling", disable=not progress, leave=False)
     start = 0
+    if n_known:  # the known tokens are the clean first AR step: exact copies, committed like a finished group
+        x[:, :n_known] = torch.gather(model.patchify(known.to(device, x.dtype)), 1, order_idx)[:, :n_known]
+        if sizes:
+            runner.commit(x[:, :n_known], order[:, :n_known])
+        start = n_known
     for s, n in enumerate(sizes):
         diffusion, stop = schedules[per_step[s]], start + n
         pos = order[:, start:stop]
@@ -323,6 +341,28 @@ def sample(
     if path is not None:
         path.finish(images)
     return images
+
+
+def _known_tokens(known: torch.Tensor | None, known_tokens: torch.Tensor | None, b: int, c) -> torch.Tensor | None:
+    """Check ``sample``'s editing inputs; bool [B, L] of the kept tokens, or None when none is kept."""
+    if known is None and known_tokens is None:
+        return None
+    if known is None or known_tokens is None:
+        raise ValueError("editing needs both the known images and the known-token mask")
+    want = (b, c.in_channels, c.image_size, c.image_size)
+    if tuple(known.shape) != want:
+        raise ValueError(f"known images must be {list(want)} (model space), got {list(known.shape)}")
+    keep = torch.as_tensor(known_tokens)
+    if keep.dtype != torch.bool or keep.ndim not in (1, 2) or keep.shape[-1] != c.num_tokens:
+        raise ValueError(f"the known-token mask must be bool [{c.num_tokens}] or [B, {c.num_tokens}], "
+                         f"got {keep.dtype} {list(keep.shape)}")
+    keep = keep.expand(b, -1) if keep.ndim == 1 else keep
+    if keep.shape[0] != b:
+        raise ValueError(f"the known-token mask has {keep.shape[0]} rows for {b} samples")
+    counts = keep.sum(1)
+    if b and (counts != counts[0]).any():
+        raise ValueError("every sample must keep the same number of known tokens (they form one AR step)")
+    return keep.cpu() if b and counts[0] > 0 else None
 
 
 def _record(path, model, x, start, stop, current, order, s, num_ar_steps, i) -> None:
