@@ -271,7 +271,8 @@ def cmd_probe(a: argparse.Namespace) -> None:
     for ckpt in a.ckpt:
         res = probe_checkpoint(ckpt, a.data, a.mode, a.raw, a.device)
         results.append(res)
-        print(f"{ckpt} (step {res['step']}, gamma {res['gamma']}, fixed AR steps {res['fixed_steps'] or '-'}):")
+        plan = f"fixed S_train={res['fixed_steps']}" if res["fixed_steps"] else f"gamma {res['gamma']}"
+        print(f"{ckpt} (step {res['step']}, {plan}):")
         print("  " + format_probe(res).replace("\n", "\n  "))
 
 

@@ -77,3 +77,51 @@ def generalized_causal_mask(
     # Condition tokens see only condition tokens; every other token sees them too.
     mask = key_is_cond | clean_ok | noisy_sees_clean | noisy_sees_noisy
     return mask.to(device) if device is not None else mask
+
+
+# ---- vision-language sequences (paper Sec. 6, App. C) -------------------------------------------
+LAYOUTS = ("text_first", "image_first")
+
+
+def multimodal_mask(
+    layout: str,
+    group_sizes: Sequence[int],
+    text_len: int,
+    transfusion: bool = False,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean mask ``[N, N]`` (True = may attend) of a text + image training sequence.
+
+    ``text_first`` (text-to-image, 90%): ``[text T | clean steps 1..S-1 | noisy steps 1..S]``;
+    the text is causal, and the image part is the generalized causal mask with the text in the
+    place of the condition tokens (every image token sees all T text slots).
+    ``image_first`` (captioning, 10%): ``[clean steps 1..S (all L) | noisy steps 1..S | text T]``;
+    the image part follows the generalized rules (no image token sees the text: that is the
+    text-free image model classifier-free guidance needs), the clean tokens of the *last* step are
+    kept because the caption needs the whole image, and each text token sees the text up to itself
+    plus all clean image tokens, or, with ``transfusion``, all *noisy* image tokens instead.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if text_len < 1:
+        raise ValueError(f"text length must be >= 1, got {text_len}")
+    causal = torch.ones(text_len, text_len, dtype=torch.bool).tril()
+    if layout == "text_first":
+        mask = generalized_causal_mask(group_sizes, text_len)
+        mask[:text_len, :text_len] = causal
+        return mask.to(device) if device is not None else mask
+    _check_groups(group_sizes, 0, 1)
+    sizes = torch.as_tensor([int(g) for g in group_sizes], dtype=torch.long)
+    steps = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    num_tokens = len(steps)
+    # (kind, step) of every position; kind 1 = clean, 2 = noisy, 3 = text.
+    kind = torch.cat([torch.ones(num_tokens, dtype=torch.long), torch.full((num_tokens,), 2),
+                      torch.full((text_len,), 3)])
+    step = torch.cat([steps, steps, torch.full((text_len,), -1)])
+    qk, kk, qs, ks = kind[:, None], kind[None, :], step[:, None], step[None, :]
+    mask = ((qk == 1) & (kk == 1) & (ks <= qs)) \
+        | ((qk == 2) & (kk == 1) & (ks < qs)) \
+        | ((qk == 2) & (kk == 2) & (ks == qs)) \
+        | ((qk == 3) & (kk == (2 if transfusion else 1)))
+    mask[-text_len:, -text_len:] = causal
+    return mask.to(device) if device is not None else mask

@@ -1,0 +1,204 @@
+"""Multimodal subcommands (train-mm, t2i, caption, eval-mm): parse and call.
+
+``causalfusion ablate --suite multimodal`` lives in ``ablation.run_from_args``.
+
+``add_commands(sub)`` registers them on the main ``causalfusion`` parser; errors are ValueErrors
+(or CheckpointErrors) that ``causalfusion.cli.main`` prints as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..ar_plan import ORDERS, ARPlanConfig
+from ..checkpoint import read_config
+from ..models import PRESETS, ModelConfig
+from .objective import MixConfig
+
+# The shapes defaults: 16 px RGB, 4x4 patches -> 16 image tokens.
+MM_MODEL = dict(image_size=16, in_channels=3, patch_size=4, num_classes=0, class_tokens=1)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--hidden-size", type=int, default=None)
+    p.add_argument("--num-heads", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--max-text-len", type=int, default=35, help="text slot T incl. <bos>/<eos> (paper: 35)")
+    p.add_argument("--tie-head", action="store_true", help="tie the LM head to the token embedding")
+    p.add_argument("--transfusion", action="store_true",
+                   help="Transfusion baseline: image-first captions attend to the noisy image tokens")
+    p.add_argument("--image-first-prob", type=float, default=0.1, help="share of image-first (captioning) sequences")
+    p.add_argument("--text-weight", type=float, default=0.01, help="text loss weight relative to the image loss")
+    p.add_argument("--gamma", type=float, default=0.9, help="P(S) ∝ gamma^(S-1) (0: plain diffusion)")
+    p.add_argument("--order", default="random", choices=ORDERS)
+    p.add_argument("--lam", type=float, default=2.0, help="AR loss weight of the first step")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="shapes", help="'shapes', 'shapes:SPLIT:N' or 'jsonl:FILE' (image paths relative to it)")
+    p.add_argument("--out", default="runs/mm")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: train a BPE on the captions)")
+    p.add_argument("--bpe-vocab", type=int, default=512)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--no-progress", action="store_true")
+    add_model_args(p)
+
+
+def configs_from_args(a: argparse.Namespace):
+    """-> (ModelConfig, text overrides, ARPlanConfig, MixConfig, MMTrainConfig)."""
+    from .train import MMTrainConfig
+
+    size = {k: v for k, v in dict(depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads).items() if v}
+    mc = ModelConfig.from_preset(a.preset, **{**MM_MODEL, "patch_size": a.patch_size, "image_size": a.image_size, **size})
+    text = dict(max_text_len=a.max_text_len, tie_head=a.tie_head, transfusion=a.transfusion)
+    plan = ARPlanConfig(gamma=a.gamma, order=a.order, lam=a.lam)
+    mix = MixConfig(a.image_first_prob, a.text_weight)
+    tc = MMTrainConfig(data=a.data, out=a.out, image_size=a.image_size, tokenizer=a.tokenizer, bpe_vocab=a.bpe_vocab,
+                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay,
+                       precision=a.precision, seed=a.seed, device=a.device, ckpt_every=a.ckpt_every,
+                       progress=not a.no_progress)
+    return mc, text, plan, mix, tc
+
+
+def cmd_train_mm(a: argparse.Namespace) -> None:
+    from .train import MMTrainConfig, MMTrainer
+
+    if a.resume:  # a resumed run keeps everything it was started with, except the step target
+        saved = read_config(a.out)
+        if saved.get("kind") != "multimodal":
+            raise ValueError(f"{a.out} is not a multimodal run")
+        text = {k: v for k, v in saved["text"].items() if k != "vocab_size"}
+        tc = MMTrainConfig.from_dict({**saved["train"], "out": a.out, "steps": a.steps, "progress": not a.no_progress})
+        trainer = MMTrainer(ModelConfig.from_dict(saved["model"]), text, ARPlanConfig(**saved["plan"]),
+                            MixConfig(**saved["mix"]), tc, resume=True)
+    else:
+        trainer = MMTrainer(*configs_from_args(a))
+    n = sum(p.numel() for p in trainer.model.parameters())
+    print(f"model {n / 1e6:.2f}M params, {trainer.model_cfg.num_tokens} image tokens + {trainer.text_cfg.max_text_len} "
+          f"text slots, vocab {trainer.text_cfg.vocab_size}, {'Transfusion' if trainer.text_cfg.transfusion else 'CausalFusion'}"
+          f" captions, data {trainer.dataset.name} -> {trainer.out}")
+    trainer.train()
+    print(f"done: step {trainer.step}; checkpoint and tokenizer.json in {trainer.out}")
+
+
+def _check_interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--cfg-interval expects LO,HI (e.g. 0,700), got {text!r}") from None
+    return lo, hi
+
+
+def cmd_t2i(a: argparse.Namespace) -> None:
+    from ..images import save_grid
+    from .generate import text_to_image
+    from .train import load_multimodal
+
+    model, tok = load_multimodal(a.ckpt, ema=not a.raw)
+    if a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
+    prompts = [p for p in a.prompt for _ in range(a.n)]
+    groups = [int(v) for v in a.groups.split(",")] if a.groups else None
+    images = text_to_image(model, tok, prompts, cfg=a.cfg, cfg_interval=_check_interval(a.cfg_interval),
+                           ar_steps=a.ar_steps, groups=groups, order=a.order, steps=a.steps, sampler=a.sampler,
+                           seed=a.seed, cache=not a.no_cache)
+    save_grid(images, a.out, nrow=a.n, scale=4 if model.cfg.image_size <= 32 else 1)
+    print(f"wrote {a.out}: {len(a.prompt)} prompt(s) x {a.n} (one row per prompt)")
+    if a.check:
+        from .shapes import detect_objects, parse_caption
+
+        for i, p in enumerate(a.prompt):
+            want = parse_caption(p)
+            ok = sum(detect_objects(img) == want for img in images[i * a.n:(i + 1) * a.n])
+            print(f"checker: {ok}/{a.n} images show exactly {sorted(want) or 'nothing it can parse'} for {p!r}")
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """A PNG/JPEG -> [3, size, size] in [-1, 1]; refuses other sizes (no silent resizing)."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise ValueError(f"image {path} not found")
+    img = Image.open(path).convert("RGB")
+    if img.size != (size, size):
+        raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]}; this model captions {size}x{size} images")
+    return torch.from_numpy(np.asarray(img, np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+
+
+def cmd_caption(a: argparse.Namespace) -> None:
+    from .generate import caption
+    from .train import load_multimodal
+
+    model, tok = load_multimodal(a.ckpt, ema=not a.raw)
+    images = torch.stack([load_image(p, model.cfg.image_size) for p in a.image])
+    for path, text in zip(a.image, caption(model, tok, images, temperature=a.temperature, top_k=a.top_k, seed=a.seed)):
+        print(f"{path}\t{text}")
+
+
+def cmd_eval_mm(a: argparse.Namespace) -> None:
+    from .evaluate import ShapesExtractor, evaluate_model
+    from .train import load_multimodal
+
+    model, tok = load_multimodal(a.ckpt)
+    ext = ShapesExtractor(model.cfg.image_size) if a.fid else None
+    metrics, _, _ = evaluate_model(model, tok, a.split, a.n, cfg=a.cfg, steps=a.steps, seed=a.seed, extractor=ext)
+    print(json.dumps(metrics, indent=2))
+
+
+def add_commands(sub) -> None:
+    t = sub.add_parser("train-mm", help="train a multimodal (text + image) CausalFusion")
+    add_train_args(t)
+    t.set_defaults(func=cmd_train_mm)
+
+    s = sub.add_parser("t2i", help="text-to-image with a multimodal checkpoint")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    s.add_argument("--n", type=int, default=8, help="images per prompt")
+    s.add_argument("--cfg", type=float, default=3.0, help="guidance against the text-free image model (1 = none)")
+    s.add_argument("--cfg-interval", default="0,1000", help="guide only for t in [LO,HI)")
+    s.add_argument("--ar-steps", type=int, default=None, help="S AR steps, equal groups (default 1)")
+    s.add_argument("--groups", default=None, help="explicit group sizes, e.g. 4,4,8")
+    s.add_argument("--order", default="random", choices=ORDERS)
+    s.add_argument("--steps", type=int, default=100, help="diffusion steps per AR step")
+    s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-cache", action="store_true")
+    s.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
+    s.add_argument("--check", action="store_true", help="shapes prompts: run the colour-segmentation checker")
+    s.add_argument("--out", default="t2i.png")
+    s.set_defaults(func=cmd_t2i)
+
+    c = sub.add_parser("caption", help="caption images with a multimodal checkpoint")
+    c.add_argument("--ckpt", required=True)
+    c.add_argument("--image", action="append", required=True, help="an image of the model's size (repeatable)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--raw", action="store_true")
+    c.set_defaults(func=cmd_caption)
+
+    e = sub.add_parser("eval-mm", help="shapes metrics of a multimodal checkpoint (T2I/caption accuracy, CIDEr, FID)")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--split", default="test", choices=["test", "heldout", "train"])
+    e.add_argument("--n", type=int, default=256)
+    e.add_argument("--cfg", type=float, default=3.0)
+    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--fid", action="store_true", help="also FID (trains/caches the small feature CNN once)")
+    e.set_defaults(func=cmd_eval_mm)

@@ -1,0 +1,122 @@
+"""Captioned image data: the built-in ``shapes`` set, or an image folder + a JSONL of captions.
+
+Specs accepted by :func:`load_captioned`:
+
+* ``shapes`` / ``shapes:SPLIT`` / ``shapes:SPLIT:N`` -- procedural, see ``shapes.py``
+  (splits train / test / heldout; N images, default 4096 for train, 512 otherwise);
+* ``jsonl:FILE`` -- one JSON object per line, ``{"image": "rel/path.png", "caption": "..."}`` or
+  ``"captions": [...]``; image paths are relative to the JSONL's folder. Images are
+  centre-cropped and resized to ``image_size`` (ADM crop) once, at load time.
+
+No horizontal flip here (unlike class-conditional training): captions say "left" and "right".
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..data import center_crop_resize, image_to_tensor
+from .shapes import make_shapes
+
+
+@dataclass
+class CaptionDataset:
+    """Images [N, 3, H, W] in [-1, 1] and a non-empty list of captions per image."""
+
+    name: str
+    images: torch.Tensor
+    captions: list[list[str]]
+    objects: list | None = None  # shapes only: the true (colour, shape, position) triples
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def all_captions(self) -> list[str]:
+        return [c for caps in self.captions for c in caps]
+
+
+def load_jsonl(path: str | Path, image_size: int = 16) -> CaptionDataset:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"caption file {path} not found")
+    images, captions = [], []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            caps = rec["captions"] if "captions" in rec else [rec["caption"]]
+            file = path.parent / rec["image"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{i}: expected {{\"image\": ..., \"caption(s)\": ...}} ({e})") from None
+        caps = [c for c in caps if isinstance(c, str) and c.strip()]
+        if not caps:
+            raise ValueError(f"{path}:{i}: no non-empty caption")
+        if not file.is_file():
+            raise ValueError(f"{path}:{i}: image {file} not found")
+        images.append(image_to_tensor(center_crop_resize(Image.open(file), image_size), 3))
+        captions.append(caps)
+    if not images:
+        raise ValueError(f"{path} holds no captioned images")
+    return CaptionDataset(f"jsonl:{path}", torch.stack(images), captions)
+
+
+def load_captioned(spec: str, image_size: int | None = None, seed: int = 0) -> CaptionDataset:
+    """``shapes[:SPLIT[:N]]`` or ``jsonl:FILE`` (see the module docstring)."""
+    if spec == "shapes" or spec.startswith("shapes:"):
+        parts = spec.split(":")
+        split = parts[1] if len(parts) > 1 and parts[1] else "train"
+        try:
+            n = int(parts[2]) if len(parts) > 2 else (4096 if split == "train" else 512)
+        except ValueError:
+            raise ValueError(f"bad shapes spec {spec!r}: use shapes:SPLIT:N with N an integer") from None
+        images, caps, objs = make_shapes(split, n, image_size or 16, seed)
+        return CaptionDataset(f"shapes:{split}:{n}", images, caps, objs, {"seed": seed})
+    if spec.startswith("jsonl:"):
+        return load_jsonl(spec[len("jsonl:"):], image_size or 16)
+    raise ValueError(f"unknown captioned dataset {spec!r}; use 'shapes', 'shapes:SPLIT:N' or 'jsonl:FILE'")
+
+
+class CaptionStream:
+    """Random (image, caption) batches: a fresh image permutation per epoch and one of the image's
+    captions drawn per use, all from one generator (its state is the whole stream state)."""
+
+    def __init__(self, data: CaptionDataset, ids: torch.Tensor, lens: torch.Tensor, batch_size: int,
+                 generator: torch.Generator):
+        """ids [M, T], lens [M]: every caption of ``data`` tokenized, in ``all_captions`` order."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.data, self.ids, self.lens, self.batch_size, self.gen = data, ids, lens, batch_size, generator
+        counts = torch.tensor([len(c) for c in data.captions])
+        self.first, self.count = torch.cumsum(counts, 0) - counts, counts
+        self._perm, self._pos = torch.empty(0, dtype=torch.long), 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> images [B, 3, H, W], text ids [B, T], text lengths [B]."""
+        take, need = [], self.batch_size
+        while need > 0:
+            if self._pos >= len(self._perm):
+                self._perm, self._pos = torch.randperm(len(self.data), generator=self.gen), 0
+            chunk = self._perm[self._pos:self._pos + need]
+            self._pos += len(chunk)
+            need -= len(chunk)
+            take.append(chunk)
+        index = torch.cat(take)
+        pick = (torch.rand(len(index), generator=self.gen) * self.count[index]).long()
+        cap = self.first[index] + pick
+        return self.data.images[index], self.ids[cap], self.lens[cap]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"perm": self._perm.clone(), "pos": torch.tensor(self._pos)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._perm, self._pos = state["perm"].clone(), int(state["pos"])

@@ -1,0 +1,197 @@
+"""Training a multimodal CausalFusion (same optimiser recipe as ``causalfusion.trainer``).
+
+AdamW (0.9, 0.95), linear warmup then constant lr, clip 1.0, EMA with warm-up, bf16 autocast,
+checkpoints in the shared safetensors format (``checkpoint.save_checkpoint``), plus
+``tokenizer.json`` in the run directory. One generator drives batches, caption choice, the
+layout split, AR plans and noise, and is saved, so ``resume`` continues bit-identically.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..ar_plan import ARPlanConfig
+from ..checkpoint import (CheckpointError, _load_weights, load_training_state, read_config, read_json, read_tensors,
+                          save_checkpoint, write_config)
+from ..diffusion import Diffusion
+from ..models import ModelConfig
+from ..trainer import check_precision
+from .data import CaptionDataset, CaptionStream, load_captioned
+from .model import MultimodalCausalFusion, TextConfig, build_model
+from .objective import MixConfig, multimodal_loss
+from .tokenizer import TextTokenizer, train_bpe
+
+KIND = "multimodal"
+
+
+@dataclass
+class MMTrainConfig:
+    data: str = "shapes"
+    out: str = "runs/mm"
+    image_size: int | None = None
+    tokenizer: str | None = None  # a tokenizer.json; None: train a BPE on the captions
+    bpe_vocab: int = 512
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "fp32"
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 25
+    ckpt_every: int = 500
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MMTrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class MMTrainer:
+    model_cfg: ModelConfig
+    text_overrides: dict  # TextConfig fields other than vocab_size (which the tokenizer fixes)
+    plan_cfg: ARPlanConfig
+    mix: MixConfig
+    cfg: MMTrainConfig
+    resume: bool = False
+    dataset: CaptionDataset | None = None
+    step: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        c = self.cfg
+        check_precision(c.precision, c.device)
+        self.mix.validate()
+        self.out = Path(c.out)
+        has_ckpt = (self.out / "state.json").exists()
+        if has_ckpt and not self.resume:
+            raise CheckpointError(f"{self.out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        if self.resume and not has_ckpt:
+            raise CheckpointError(f"nothing to resume: {self.out}/state.json not found")
+        self.dataset = self.dataset or load_captioned(c.data, c.image_size, c.seed)
+        d = self.dataset
+        if (d.image_size, 3) != (self.model_cfg.image_size, self.model_cfg.in_channels):
+            raise ValueError(f"model expects {self.model_cfg.in_channels}x{self.model_cfg.image_size}px images, "
+                             f"{d.name} has 3x{d.image_size}px")
+        self.plan_cfg.validate(self.model_cfg.num_tokens)
+        if self.resume:
+            self.tokenizer = TextTokenizer.load(self.out)
+        elif c.tokenizer:
+            self.tokenizer = TextTokenizer.load(c.tokenizer)
+        else:
+            self.tokenizer = train_bpe(d.all_captions(), c.bpe_vocab)
+        self.text_cfg = TextConfig(vocab_size=self.tokenizer.vocab_size, **self.text_overrides)
+        torch.manual_seed(c.seed)
+        self.model = MultimodalCausalFusion(self.model_cfg, self.text_cfg).to(c.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.diffusion = Diffusion()
+        self.gen = torch.Generator().manual_seed(c.seed)
+        ids, lens = self.tokenizer.batch(d.all_captions(), self.text_cfg.max_text_len)
+        self.stream = CaptionStream(d, ids, lens, c.batch_size, self.gen)
+        config = {"kind": KIND, "model": self.model_cfg.to_dict(), "text": self.text_cfg.to_dict(),
+                  "plan": asdict(self.plan_cfg), "mix": asdict(self.mix), "train": asdict(c), "data": d.name}
+        if self.resume:
+            saved = read_config(self.out)
+            if saved.get("model") != config["model"] or saved.get("text") != config["text"]:
+                raise CheckpointError(f"cannot resume {self.out}: model/text config differs from the checkpoint's")
+            state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
+            self.step = int(state["step"])
+            self.gen.set_state(extra["gen"])
+            self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
+        else:
+            write_config(self.out, config)
+            self.tokenizer.save(self.out)
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / max(self.cfg.warmup, 1))
+
+    def train_step(self) -> dict[str, float]:
+        c = self.cfg
+        x0, ids, lens = self.stream.next()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.model.train()
+        with torch.autocast(torch.device(c.device).type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
+            loss, stats = multimodal_loss(self.model, self.diffusion, x0.to(c.device), ids, lens, self.plan_cfg,
+                                          self.mix, self.gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping (last checkpoint left as it was)")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            decay = min(c.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                e.lerp_(p, 1.0 - decay)
+        self.step += 1
+        return {"loss": loss.item(), "grad_norm": float(gnorm), **stats}
+
+    def save(self) -> None:
+        extra = {"gen": self.gen.get_state(), **self.stream.state()}
+        save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, extra, {"data": self.dataset.name, "kind": KIND})
+
+    def train(self) -> dict[str, float]:
+        """Run to ``cfg.steps``; log.csv holds running means of the losses (text over image-first rows)."""
+        c, log_path = self.cfg, self.out / "log.csv"
+        new_log = not log_path.exists()
+        last: dict[str, float] = {}
+        sums = {"loss": 0.0, "image_loss": 0.0, "text_loss": 0.0, "n": 0, "n_text": 0}
+        with open(log_path, "a", newline="") as f:
+            log = csv.writer(f)
+            if new_log:
+                log.writerow(["step", "loss", "image_loss", "text_loss", "grad_norm", "it_per_s"])
+            bar = tqdm(total=c.steps, initial=self.step, desc="train-mm", disable=not c.progress, dynamic_ncols=True)
+            t0, s0 = time.perf_counter(), self.step
+            while self.step < c.steps:
+                last = self.train_step()
+                sums["loss"] += last["loss"]
+                sums["image_loss"] += last["image_loss"]
+                sums["n"] += 1
+                if last["image_first"]:
+                    sums["text_loss"] += last["text_loss"]
+                    sums["n_text"] += 1
+                bar.update(1)
+                bar.set_postfix(img=f"{last['image_loss']:.3f}", txt=f"{last['text_loss']:.2f}")
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    ips = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
+                    n, nt = sums["n"], max(sums["n_text"], 1)
+                    log.writerow([self.step, f"{sums['loss'] / n:.5f}", f"{sums['image_loss'] / n:.5f}",
+                                  f"{sums['text_loss'] / nt:.4f}", f"{last['grad_norm']:.3f}", f"{ips:.2f}"])
+                    f.flush()
+                    sums = {k: 0 for k in sums}
+                if self.step % c.ckpt_every == 0 or self.step == c.steps:
+                    self.save()
+            bar.close()
+        return last
+
+
+def load_multimodal(run_dir: str | Path, ema: bool = True, device: str = "cpu") -> tuple[MultimodalCausalFusion, TextTokenizer]:
+    """(model in eval mode, its tokenizer) of a run directory written by ``MMTrainer``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {run_dir} does not exist")
+    config = read_config(run_dir)
+    if config.get("kind") != KIND:
+        raise CheckpointError(f"{run_dir} is not a multimodal run (train one with `causalfusion train-mm`)")
+    tokenizer = TextTokenizer.load(run_dir)
+    try:
+        model = build_model(config["model"], config["text"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir}/config.json has no valid model/text config ({e})") from None
+    if model.text_cfg.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(f"{run_dir}/tokenizer.json has {tokenizer.vocab_size} tokens, the model {model.text_cfg.vocab_size}")
+    step = read_json(run_dir / "state.json").get("step")
+    path = run_dir / ("ema.safetensors" if ema else "model.safetensors")
+    _load_weights(model, read_tensors(path, step), path)
+    return model.to(device).eval(), tokenizer

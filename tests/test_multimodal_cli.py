@@ -1,0 +1,90 @@
+"""train-mm / t2i / caption / eval-mm end to end on a checkpoint trained here, and bad inputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("tokenizers")  # the `text` extra
+
+from causalfusion.cli import main
+from causalfusion.images import save_png, to_uint8
+from causalfusion.multimodal import load_multimodal, make_shapes
+
+TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--max-text-len", "24", "--batch-size", "8",
+        "--no-progress", "--precision", "bf16"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mm") / "run"
+    assert main(["train-mm", "--data", "shapes:train:64", "--out", str(out), "--steps", "6", *TINY]) == 0
+    return out
+
+
+def _one_line_error(capsys, argv: list[str], match: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_train_resume_t2i_caption_eval(run, tmp_path, capsys):
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["kind"] == "multimodal" and (run / "tokenizer.json").is_file()
+    assert main(["train-mm", "--out", str(run), "--resume", "--steps", "8", "--no-progress"]) == 0
+    assert json.loads((run / "state.json").read_text())["step"] == 8
+    grid = tmp_path / "grid.png"
+    assert main(["t2i", "--ckpt", str(run), "--prompt", "a red circle at the top left", "--prompt", "a blue square",
+                 "--n", "2", "--steps", "3", "--ar-steps", "4", "--cfg", "2.0", "--cfg-interval", "0,700",
+                 "--check", "--out", str(grid)]) == 0
+    assert grid.is_file() and "checker:" in capsys.readouterr().out
+    images, caps, _ = make_shapes("test", 2)
+    paths = []
+    for i in range(2):
+        paths += ["--image", str(tmp_path / f"{i}.png")]
+        save_png(to_uint8(images[i:i + 1])[0], tmp_path / f"{i}.png")
+    assert main(["caption", "--ckpt", str(run), *paths, "--temperature", "0.8", "--top-k", "5"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert main(["eval-mm", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"t2i_exact", "caption_exact", "cider", "chance_exact"} <= set(metrics)
+    model, tok = load_multimodal(run)
+    assert model.text_cfg.vocab_size == tok.vocab_size
+
+
+def test_bad_inputs_one_line(run, tmp_path, capsys):
+    _one_line_error(capsys, ["t2i", "--ckpt", str(run), "--prompt", " "], "empty prompt")
+    _one_line_error(capsys, ["t2i", "--ckpt", str(run), "--prompt", " ".join(["red"] * 30)], "at most 22")
+    big = tmp_path / "big.png"
+    save_png(to_uint8(make_shapes("test", 1, size=32)[0])[0], big)
+    _one_line_error(capsys, ["caption", "--ckpt", str(run), "--image", str(big)], "captions 16x16")
+    _one_line_error(capsys, ["caption", "--ckpt", str(run), "--image", str(tmp_path / "none.png")], "not found")
+    _one_line_error(capsys, ["train-mm", "--data", "shapes:train:8", "--out", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "tok.json"),
+                             "--steps", "1", *TINY], "tokenizer file")
+    (tmp_path / "junk.json").write_text("junk")
+    _one_line_error(capsys, ["train-mm", "--data", "shapes:train:8", "--out", str(tmp_path / "y"), "--tokenizer", str(tmp_path / "junk.json"),
+                             "--steps", "1", *TINY], "not a tokenizers JSON")
+    _one_line_error(capsys, ["t2i", "--ckpt", str(tmp_path), "--prompt", "a red circle"], "config.json not found")
+    _one_line_error(capsys, ["train-mm", "--out", str(run), "--steps", "1", *TINY], "--resume")
+    (run / "tokenizer.json").rename(run / "tok.bak")
+    try:
+        _one_line_error(capsys, ["t2i", "--ckpt", str(run), "--prompt", "a red circle"], "tokenizer file")
+    finally:
+        (run / "tok.bak").rename(run / "tokenizer.json")
+
+
+def test_ablate_suite_hook_and_report(tmp_path, capsys):
+    from causalfusion.multimodal.ablation import MMSuiteSettings, _log, _markdown
+
+    _one_line_error(capsys, ["ablate", "--suite", "multimodal", "--data", "folder:x", "--steps", "1",
+                             "--out", str(tmp_path)], "shapes")
+    (tmp_path / "log.csv").write_text("step,loss,image_loss,text_loss,grad_norm,it_per_s\n"
+                                      "25,1,0.9,5,1,2.5\n50,1,0.8,4,1,5.0\n")
+    steps, img, txt, secs = _log(tmp_path)
+    assert steps == [25, 50] and txt == [5.0, 4.0] and secs == pytest.approx(10 + 5)
+    keys = ["t2i_exact", "t2i_object", "t2i_colour_pos", "fid", "caption_exact", "caption_attribute", "cider",
+            "chance_exact", "shuffled/t2i_exact", "shuffled/t2i_object", "shuffled/t2i_colour_pos"]
+    row = {f"{s}/{k}": 0.5 for s in ("test", "heldout") for k in keys} | {"train_s": 60.0}
+    md = _markdown(MMSuiteSettings(), {"CausalFusion": row, "Transfusion": row},
+                   {"CausalFusion": ["a | b"], "Transfusion": [""]}, ["truth"], "x.png", "cmd", 1.0)
+    assert "| CausalFusion | 50.0 / 50.0 |" in md and "a \\| b" in md and "(empty)" in md
