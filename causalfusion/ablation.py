@@ -1,0 +1,334 @@
+"""Small-scale reproductions of the paper's ablations (Tab. 2, 3a, 3b, 3c, 7): train a suite of
+configurations with one equal budget, evaluate each at several S_eval, write a Markdown report.
+
+Equal budget: every configuration of a suite trains the same number of steps on batches of the
+same size (Tab. 7's "4x t" uses batch/4 with 4 timesteps per image, so the number of noisy tokens
+per step stays equal, as in the paper), from the same seed, with the same model and optimiser,
+and is evaluated on the same balanced labels with the same sampling seed. ``--budget SECONDS``
+only picks that step count: it times a few steps of every configuration and a small evaluation,
+then solves for the steps that fit the wall-clock budget. The choice is stored in
+``<out>/suite.json``, so an interrupted suite resumes with the same steps.
+
+Resumable: each configuration lives in ``<out_root>/_runs/<hash of its settings>/`` (a normal run
+directory; ``<out_root>/<suite>/runs.json`` maps config names to them, and suites share identical
+configurations, e.g. decay's γ=1 is ar-steps' "random"). A finished
+one (``result.json`` whose settings match) is reused; a half-trained one is resumed from its last
+checkpoint (bit-identically, see ``Trainer``); a trained but unevaluated one is only evaluated.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .ar_plan import ARPlanConfig
+
+# ---- suites --------------------------------------------------------------------------------------
+L = "L"  # stands for the number of tokens of the data (16 for digits)
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    name: str  # directory name
+    label: str  # row of the table
+    plan: dict  # ARPlanConfig fields (fixed_steps may be L)
+    batch_div: int = 1  # Tab. 7: K t-copies per image with batch / K
+    paper: tuple = ()  # the paper's FID-10k for S_eval = suite.s_eval (ImageNet 256, L/2 model)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    table: str
+    title: str
+    configs: tuple
+    s_eval: tuple = (1, 2, 4, 8)
+    paper_s_eval: tuple = (1, 2, 4, 8)
+    note: str = ""
+
+
+_BASE = dict(gamma=0.9, lam=1.0, order="random")  # Tab. 3a/3b baseline: no AR loss weighting yet
+SUITES: dict[str, Suite] = {s.name: s for s in (
+    Suite("ar-steps", "Tab. 2", "AR steps: fixed S_train vs uniformly random S", (
+        AblationConfig("s1", "S_train = 1 (In-context DiT)", dict(_BASE, fixed_steps=1), paper=(13.78, 356.69, 404.67, 390.18)),
+        AblationConfig("s2", "S_train = 2", dict(_BASE, fixed_steps=2), paper=(16.69, 14.77, 47.49, 136.04)),
+        AblationConfig("s4", "S_train = 4", dict(_BASE, fixed_steps=4), paper=(24.14, 15.37, 18.13, 33.14)),
+        AblationConfig("s8", "S_train = 8", dict(_BASE, fixed_steps=8), paper=(54.08, 24.49, 22.66, 20.01)),
+        AblationConfig("sL", "S_train = L (pure AR)", dict(_BASE, fixed_steps=L), paper=(313.28, 321.62, 261.26, 192.25)),
+        AblationConfig("random", "random (uniform S, γ=1)", dict(_BASE, gamma=1.0), paper=(21.31, 22.17, 23.54, 25.05)),
+    ), note="λ=1 and random order (Sec. 4 precedes the AR loss weighting). The paper's S_train = L row is S_train = 256."),
+    Suite("decay", "Tab. 3a", "Exponential decay γ of the AR-step distribution", (
+        AblationConfig("g1.0", "γ = 1.0", dict(_BASE, gamma=1.0), paper=(21.31, 22.17, 23.54, 25.05)),
+        AblationConfig("g0.95", "γ = 0.95", dict(_BASE, gamma=0.95), paper=(14.49, 17.78, 19.79, 23.93)),
+        AblationConfig("g0.9", "γ = 0.9", dict(_BASE, gamma=0.9), paper=(12.89, 15.57, 18.83, 22.72)),
+        AblationConfig("g0.8", "γ = 0.8", dict(_BASE, gamma=0.8), paper=(12.78, 15.42, 19.38, 23.78)),
+    ), note="λ=1, random order. The paper's γ=0.9 / S_eval=8 entry reads '2.72' in the extracted text; 22.72 is assumed."),
+    Suite("order", "Tab. 3b", "Token order (training order = inference order)", (
+        AblationConfig("raster", "raster order", dict(_BASE, order="raster"), paper=(14.46,)),
+        AblationConfig("block2", "block-wise raster (2x2)", dict(_BASE, order="block", block=2), paper=(14.62,)),
+        AblationConfig("dilated", "dilated order (stride 2)", dict(_BASE, order="dilated", dilation=2), paper=(15.54,)),
+        AblationConfig("random", "random order", dict(_BASE), paper=(12.89,)),
+    ), paper_s_eval=(1,), note="γ=0.9, λ=1; each model samples in its training order. The digits grid is 4x4 tokens, so the paper's 4x4/8x8 blocks (of a "
+                                 "16x16 grid) become 2x2 blocks; the paper's block row here is its 4x4 one."),
+    Suite("weight", "Tab. 3c", "AR loss weight λ (first step, falling to 1)", (
+        AblationConfig("lam1", "λ = 1", dict(_BASE, lam=1.0), paper=(12.89, 15.57, 18.83)),
+        AblationConfig("lam1.5", "λ = 1.5", dict(_BASE, lam=1.5), paper=(12.61, 15.49, 18.32)),
+        AblationConfig("lam2", "λ = 2", dict(_BASE, lam=2.0), paper=(12.13, 15.15, 18.09)),
+        AblationConfig("lam3", "λ = 3", dict(_BASE, lam=3.0), paper=(12.50, 15.28, 17.92)),
+    ), s_eval=(1, 2, 4), paper_s_eval=(1, 2, 4), note="γ=0.9, random order, release weighting."),
+    Suite("t-sampling", "Tab. 7", "Diffusion timestep sampling across AR steps", (
+        AblationConfig("shared", "shared t for all AR steps", dict(_BASE, lam=2.0), paper=(12.13,)),
+        AblationConfig("per-step", "random t per AR step", dict(_BASE, lam=2.0, t_per_step=True), paper=(12.27,)),
+        AblationConfig("t4", "4x t per AR step (batch / 4)", dict(_BASE, lam=2.0, t_copies=4), batch_div=4, paper=(12.19,)),
+    ), s_eval=(1,), paper_s_eval=(1,), note="γ=0.9, λ=2, random order (the paper's final defaults)."),
+)}
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
+    return SUITES[name]
+
+
+def select_configs(suite: Suite, names: list[str] | None) -> Suite:
+    """The suite restricted to ``names`` (in the suite's order); all configs when None."""
+    if not names:
+        return suite
+    known = {c.name for c in suite.configs}
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"suite {suite.name} has no config {bad[0]!r}; its configs: {', '.join(sorted(known))}")
+    return replace(suite, configs=tuple(c for c in suite.configs if c.name in names))
+
+
+# ---- settings shared by every config of a suite run ----------------------------------------------
+@dataclass
+class AblationSettings:
+    data: str = "digits"
+    seed: int = 0
+    steps: int | None = None  # training steps per config (or chosen from budget)
+    budget: float | None = None  # wall seconds for the whole suite
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int | None = None  # default: min(100, steps // 10)
+    ema_decay: float = 0.999
+    precision: str = "bf16"
+    depth: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    class_tokens: int = 4
+    eval_n: int = 500
+    eval_steps: int = 50  # DDPM steps per AR step
+    s_eval: tuple | None = None  # default: the suite's
+    ckpt_every: int = 100
+    inception: str | None = None
+    ref: str | None = None
+    cache_dir: str | None = None
+    progress: bool = False
+
+    def model_config(self, dataset):
+        from .models import ModelConfig
+
+        return ModelConfig(image_size=dataset.image_size, in_channels=dataset.channels, num_classes=dataset.num_classes,
+                           patch_size=2 if dataset.image_size <= 16 else 4, depth=self.depth,
+                           hidden_size=self.hidden_size, num_heads=self.num_heads, class_tokens=self.class_tokens)
+
+
+def plan_config(cfg: AblationConfig, num_tokens: int) -> ARPlanConfig:
+    plan = dict(cfg.plan)
+    if plan.get("fixed_steps") == L:
+        plan["fixed_steps"] = num_tokens
+    return ARPlanConfig(**plan)
+
+
+def eval_settings(cfg: AblationConfig, steps: int, s_eval) -> list:
+    from .evaluation import EvalSetting
+
+    p = cfg.plan
+    order = p.get("order", "random")
+    return [EvalSetting(int(s), order, steps, 1.0, p.get("block", 4), p.get("dilation", 2)) for s in s_eval]
+
+
+def _train_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int):
+    from .trainer import TrainConfig
+
+    warmup = st.warmup if st.warmup is not None else max(1, min(100, steps // 10))
+    return TrainConfig(data=st.data, out=str(out), steps=steps, batch_size=max(1, st.batch_size // cfg.batch_div),
+                       lr=st.lr, warmup=warmup, ema_decay=st.ema_decay, precision=st.precision, seed=st.seed,
+                       log_every=max(1, min(25, steps // 10)), ckpt_every=st.ckpt_every, sample_every=0,
+                       progress=st.progress)
+
+
+def run_signature(st: AblationSettings, cfg: AblationConfig, steps: int, s_eval) -> dict:
+    """What must match for a finished config directory to be reused."""
+    keys = ("data", "seed", "batch_size", "lr", "warmup", "ema_decay", "precision", "depth", "hidden_size",
+            "num_heads", "class_tokens", "eval_n", "eval_steps", "inception", "ref")
+    return {"plan": dict(sorted(cfg.plan.items())), "batch_div": cfg.batch_div, "steps": steps,
+            "s_eval": list(s_eval), **{k: getattr(st, k) for k in keys}}
+
+
+def run_dir_for(out_root: Path, sig: dict) -> Path:
+    """``<out_root>/_runs/<hash of the signature>``: suites share a run whose settings are identical
+    (decay's γ=1 is ar-steps' "random", order's "random" is decay's γ=0.9), so it is trained once."""
+    import hashlib
+
+    return Path(out_root) / "_runs" / hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---- calibration (--budget) ----------------------------------------------------------------------
+def _time_steps(st: AblationSettings, cfg: AblationConfig, dataset, mc, n: int = 3) -> float:
+    import tempfile
+
+    from .trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(mc, plan_config(cfg, mc.num_tokens), _train_config(st, cfg, Path(tmp), 100), dataset=dataset)
+        tr.train_step()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tr.train_step()
+        return (time.perf_counter() - t0) / n
+
+
+def _time_eval(st: AblationSettings, cfg: AblationConfig, mc, s_eval, n: int = 50) -> float:
+    from .evaluation import balanced_labels, sample_uint8
+    from .models import CausalFusion
+
+    torch.manual_seed(0)
+    model = CausalFusion(mc).eval()
+    t0 = time.perf_counter()
+    for es in eval_settings(cfg, st.eval_steps, s_eval):
+        sample_uint8(model, balanced_labels(n, mc.num_classes), es, st.seed)
+    return (time.perf_counter() - t0) * st.eval_n / n
+
+
+def choose_steps(st: AblationSettings, suite: Suite, dataset, mc, s_eval, log=print) -> dict:
+    """Training steps per config that fit ``st.budget`` seconds for the whole suite (>= 10)."""
+    per_step, per_eval = {}, {}
+    for cfg in suite.configs:
+        per_step[cfg.name] = _time_steps(st, cfg, dataset, mc)
+        per_eval[cfg.name] = _time_eval(st, cfg, mc, s_eval)
+        log(f"  calibrate {cfg.name}: {per_step[cfg.name]:.3f} s/step, ~{per_eval[cfg.name]:.0f} s evaluation")
+    overhead = 5.0 * len(suite.configs)  # reference stats, checkpoints, start-up
+    left = st.budget - sum(per_eval.values()) - overhead
+    steps = max(10, int(left / sum(per_step.values())))
+    return {"steps": steps, "seconds_per_step": per_step, "eval_seconds": per_eval, "budget": st.budget}
+
+
+# ---- running ---------------------------------------------------------------------------------------
+def _final_loss(run_dir: Path, frac: float = 0.1) -> float | None:
+    import csv
+
+    path = run_dir / "log.csv"
+    if not path.is_file():
+        return None
+    rows = list(csv.DictReader(open(path)))
+    if not rows:
+        return None
+    tail = rows[-max(1, int(len(rows) * frac)):]
+    return sum(float(r["loss"]) for r in tail) / len(tail)
+
+
+def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int, s_eval, dataset, mc, extractor,
+               reference, log=print) -> dict:
+    """Train (or resume, or reuse) one configuration and evaluate it; returns its result dict."""
+    from .checkpoint import read_json
+    from .evaluation import evaluate_model
+    from .trainer import Trainer
+
+    sig = run_signature(st, cfg, steps, s_eval)
+    res_path = out / "result.json"
+    if res_path.is_file():
+        res = json.loads(res_path.read_text())
+        if res.get("signature") == sig:
+            log(f"  {cfg.name}: finished earlier ({out}), reused")
+            return {**res, "name": cfg.name, "label": cfg.label, "run_dir": str(out), "reused": True}
+        raise ValueError(f"{out} holds a run with other settings ({res_path}); delete it or choose another --out")
+    resume = (out / "state.json").is_file()
+    if resume:
+        done = int(read_json(out / "state.json").get("step", 0))
+        if done > steps:
+            raise ValueError(f"{out} is trained to step {done}, beyond the {steps} steps asked: delete it or choose another --out")
+    t0 = time.perf_counter()
+    trainer = Trainer(mc, plan_config(cfg, mc.num_tokens), _train_config(st, cfg, out, steps), resume=resume,
+                      dataset=dataset)
+    start = trainer.step
+    if trainer.step < steps:
+        trainer.train()
+    train_s = time.perf_counter() - t0
+    log(f"  {cfg.name}: trained steps {start}..{trainer.step} in {train_s:.0f} s")
+    t1 = time.perf_counter()
+    rows = evaluate_model(trainer.ema.eval(), eval_settings(cfg, st.eval_steps, s_eval), extractor, reference,
+                          st.eval_n, st.seed)
+    eval_s = time.perf_counter() - t1
+    log(f"  {cfg.name}: evaluated in {eval_s:.0f} s: " + ", ".join(f"S={r['ar_steps']} FID {r['fid']:.2f}" for r in rows))
+    res = {"signature": sig, "name": cfg.name, "label": cfg.label, "rows": rows, "train_seconds": train_s,
+           "eval_seconds": eval_s, "resumed_from": start, "final_loss": _final_loss(out),
+           "params": sum(p.numel() for p in trainer.model.parameters()), "run_dir": str(out)}
+    tmp = res_path.with_name("result.json.tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(res_path)
+    return res
+
+
+def run_suite(name: str, settings: AblationSettings | None = None, out_root: str | Path = "runs/ablate",
+              configs: list[str] | None = None, command: str | None = None, log=print) -> Path:
+    """Run (or continue) suite ``name``; write ``<out_root>/<name>/report.md`` and ``<name>.png``."""
+    from .data import load_dataset
+    from .evaluation import make_extractor, reference_stats
+    from .ablation_report import git_state, source_digest, write_report
+
+    st = settings or AblationSettings()
+    suite = select_configs(get_suite(name), configs)
+    s_eval = tuple(st.s_eval or suite.s_eval)
+    if (st.steps is None) == (st.budget is None):
+        raise ValueError("give exactly one of --steps (per config) and --budget (seconds for the suite)")
+    if st.steps is not None and st.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {st.steps}")
+    if st.budget is not None and st.budget <= 0:
+        raise ValueError(f"--budget must be > 0 seconds, got {st.budget}")
+    out = Path(out_root) / name
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    code = (git_state(), source_digest())  # the code that runs is the code loaded now
+    dataset = load_dataset(st.data)
+    mc = st.model_config(dataset)
+    if max(s_eval) > mc.num_tokens:
+        raise ValueError(f"S_eval {max(s_eval)} exceeds the {mc.num_tokens} tokens of an image")
+    suite_path = out / "suite.json"
+    saved = json.loads(suite_path.read_text()) if suite_path.is_file() else None
+    keep = json.loads(json.dumps({k: v for k, v in asdict(st).items()  # JSON round trip: tuples -> lists
+                                  if k not in ("steps", "budget", "progress", "cache_dir")}))
+    if saved and saved.get("settings") == keep and saved.get("budget") == st.budget and st.budget is not None:
+        calib = saved["calibration"]
+        log(f"{name}: resuming with {calib['steps']} steps per config (chosen earlier from --budget {st.budget:g})")
+    elif st.budget is not None:
+        log(f"{name}: calibrating for a budget of {st.budget:g} s")
+        calib = choose_steps(st, suite, dataset, mc, s_eval, log)
+    else:
+        calib = {"steps": st.steps}
+    steps = int(calib["steps"])
+    same = saved and saved.get("settings") == keep and int(saved.get("calibration", {}).get("steps", -1)) == steps
+    history = saved.get("invocations", []) if same else []
+    suite_path.write_text(json.dumps({"settings": keep, "budget": st.budget, "calibration": calib,
+                                      "invocations": history}, indent=2))
+    log(f"{name}: {len(suite.configs)} configs x {steps} steps (batch {st.batch_size}), S_eval {list(s_eval)}, "
+        f"{st.eval_n} samples x {st.eval_steps} DDPM steps each")
+    extractor = make_extractor(st.data, st.inception, "cpu", st.cache_dir)
+    reference = reference_stats(st.data, extractor, st.ref, st.cache_dir)
+    results, runs = [], {}
+    for cfg in suite.configs:
+        run_dir = run_dir_for(Path(out_root), run_signature(st, cfg, steps, s_eval))
+        runs[cfg.name] = str(run_dir)
+        (out / "runs.json").write_text(json.dumps(runs, indent=2))  # config -> its run directory
+        results.append(run_config(st, cfg, run_dir, steps, s_eval, dataset, mc, extractor, reference, log))
+    wall = time.perf_counter() - t_start
+    history.append({"command": command, "wall_seconds": round(wall, 1), "configs": [c.name for c in suite.configs],
+                    "reused": sum(bool(r.get("reused")) for r in results), "commit": code[0],
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    suite_path.write_text(json.dumps({"settings": keep, "budget": st.budget, "calibration": calib,
+                                      "invocations": history}, indent=2))
+    return write_report(out, suite, st, results, steps, s_eval, calib, wall, command, mc, extractor, code, history)

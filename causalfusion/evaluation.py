@@ -1,0 +1,310 @@
+"""Sample-quality evaluation of checkpoints and sample files, and in-loop evaluation during training.
+
+* ``evaluate_checkpoint``: sample a run through :func:`causalfusion.sampling.sample` at several
+  inference settings (S_eval, order, diffusion steps, CFG) and score every setting with
+  :func:`causalfusion.metrics.evaluate` (FID, IS, precision/recall, class accuracy).
+* ``evaluate_npz``: score an ADM-format sample file (``arr_0`` uint8 NHWC, optional ``labels``).
+* ``EvalCallback``: a ``Trainer`` callback that does the former every N steps with the EMA model
+  and appends the numbers to ``<run>/eval.csv`` (and TensorBoard when installed).
+
+Feature space: the digits classifier (:class:`~causalfusion.metrics.DigitsExtractor`) for digits,
+against the statistics of the digits *train* split (computed once, cached next to the classifier
+as ``digits_train_ref_<extractor>.npz``); for other data an Inception-v3 from a local weights file
+(``inception=PATH``) and reference statistics from ``ref=PATH`` (an ``.npz`` with mu/sigma, ADM's
+reference batches work) or computed from the dataset spec (``folder:PATH``) and cached likewise.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .metrics import (DigitsExtractor, FeatureExtractor, InceptionExtractor, ReferenceStats, compute_reference_stats,
+                      default_cache_dir, evaluate, load_reference_stats, save_reference_stats)
+
+METRICS = ("fid", "inception_score", "precision", "recall", "accuracy")
+METRIC_NAMES = {"fid": "FID", "inception_score": "IS", "precision": "precision", "recall": "recall",
+                "accuracy": "accuracy"}
+
+
+# ---- feature space and reference statistics ------------------------------------------------------
+def make_extractor(data: str = "digits", inception: str | Path | None = None, device: str = "cpu",
+                   cache_dir: str | Path | None = None) -> FeatureExtractor:
+    """The digits classifier for ``digits`` (unless ``inception`` is given), else Inception-v3 from ``inception``."""
+    if inception is not None:
+        return InceptionExtractor(inception, device=device)
+    if data == "digits":
+        return DigitsExtractor(cache_dir=cache_dir, device=device)
+    raise ValueError(f"evaluating {data!r} needs an Inception-v3 weights file: pass --inception PATH "
+                     f"(e.g. pt_inception-2015-12-05-6726825d.pth, see docs/evaluation.md)")
+
+
+def _dataset_images(data: str, image_size: int | None = None, batch: int = 256) -> torch.Tensor:
+    from .data import load_dataset
+
+    ds = load_dataset(data, image_size)
+    return torch.cat([ds.get(torch.arange(i, min(i + batch, len(ds)))) for i in range(0, len(ds), batch)])
+
+
+def reference_stats(data: str, extractor: FeatureExtractor, ref: str | Path | None = None,
+                    cache_dir: str | Path | None = None, image_size: int | None = None) -> ReferenceStats:
+    """Reference statistics: the file ``ref`` if given, else those of ``data`` (cached on first use).
+
+    For ``digits`` that is the train split (1437 images, all kept for precision/recall).
+    """
+    if ref is not None:
+        return load_reference_stats(ref)
+    if data.startswith("latents:"):
+        raise ValueError("reference statistics of a latent cache cannot be computed (pixels are needed): pass --ref")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    key = "digits_train" if data == "digits" else "data_" + hashlib.sha256(f"{data}|{image_size}".encode()).hexdigest()[:12]
+    path = cache / f"{key}_ref_{extractor.name}.npz"
+    if path.is_file():
+        try:
+            stats = load_reference_stats(path)
+            if stats.extractor == extractor.name:
+                return stats
+        except (ValueError, OSError, zipfile.BadZipFile):
+            pass  # a damaged cache entry: recompute it
+    stats = compute_reference_stats(_dataset_images(data, image_size), extractor, layout="NCHW",
+                                    keep_features=10_000)
+    save_reference_stats(stats, path)
+    return stats
+
+
+# ---- sample files --------------------------------------------------------------------------------
+def load_samples_npz(path: str | Path, image_shape: tuple[int, int, int] | None = None,
+                     num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images uint8 [N, H, W, C], labels int64 [N] or None) of an ADM sample file, checked.
+
+    ``image_shape`` (H, W, C) is required when given (digits: 8x8x1); labels must match N and lie
+    in 0..num_classes-1. Every problem is a ValueError with one line.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"sample file {path} not found")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+            raise ValueError(f"{path} is not an .npz file (not a zip archive); expected arr_0 uint8 [N, H, W, C]")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            files = set(f.files)
+            if "arr_0" not in files:
+                raise ValueError(f"{path} has no 'arr_0' (images); found {sorted(files) or 'nothing'}. "
+                                 f"Expected ADM format: arr_0 uint8 [N, H, W, C], optional labels [N]")
+            images = f["arr_0"]
+            labels = f["labels"] if "labels" in files else None
+    except ValueError as e:
+        if "arr_0" in str(e):
+            raise
+        raise ValueError(f"{path} is not a readable .npz sample file ({e})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npz sample file ({type(e).__name__}: {e})") from None
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path}: arr_0 must be uint8 images in [0, 255], got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be [N, H, W, C] with C = 1 or 3, got shape {list(images.shape)}")
+    if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"{path}: images are {'x'.join(map(str, images.shape[1:]))} (HxWxC), "
+                         f"expected {'x'.join(map(str, image_shape))}")
+    if len(images) < 2:
+        raise ValueError(f"{path}: need at least 2 images, got {len(images)}")
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise ValueError(f"{path}: labels has shape {list(labels.shape)} but there are {len(images)} images")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{path}: labels must be integers, got dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+        if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{path}: labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+    return images, labels
+
+
+def evaluate_npz(path: str | Path, data: str = "digits", inception: str | Path | None = None,
+                 ref: str | Path | None = None, device: str = "cpu", cache_dir: str | Path | None = None) -> dict:
+    """Metrics of a sample file against ``data``'s reference statistics (or the file ``ref``)."""
+    ext = make_extractor(data, inception, device, cache_dir)
+    shape = (8, 8, 1) if data == "digits" and inception is None else None
+    images, labels = load_samples_npz(path, shape, ext.num_classes)
+    return evaluate(images, labels, ext, reference_stats(data, ext, ref, cache_dir), layout="NHWC")
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+@dataclass
+class EvalSetting:
+    """One inference setting of ``evaluate_checkpoint``."""
+
+    ar_steps: int = 1
+    order: str = "random"
+    steps: int = 50
+    cfg: float = 1.0
+    block: int = 4
+    dilation: int = 2
+
+    def label(self) -> str:
+        return f"S={self.ar_steps} {self.order} T={self.steps} cfg={self.cfg:g}"
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0,1,..,K-1,0,1,.. (n of them): every class equally often (up to one)."""
+    return torch.arange(num_classes).repeat(-(-n // num_classes))[:n]
+
+
+def sample_uint8(model, labels: torch.Tensor, setting: EvalSetting, seed: int = 0, batch_size: int = 500,
+                 autoencoder=None) -> np.ndarray:
+    """Samples for ``labels`` as uint8 NHWC (decoded through ``autoencoder`` for latent runs)."""
+    from .images import to_uint8
+    from .sampling import sample
+
+    out = []
+    for s in range(0, len(labels), batch_size):
+        x = sample(model, labels[s:s + batch_size], ar_steps=setting.ar_steps, order=setting.order,
+                   steps=setting.steps, cfg=setting.cfg, seed=seed, first_index=s, block=setting.block,
+                   dilation=setting.dilation)
+        if autoencoder is not None:
+            from .autoencoders import decode_in_batches
+
+            x = decode_in_batches(autoencoder, x)
+        out.append(to_uint8(x))
+    return np.concatenate(out)
+
+
+def evaluate_model(model, settings: list[EvalSetting], extractor: FeatureExtractor, reference: ReferenceStats,
+                   n: int = 2000, seed: int = 0, batch_size: int = 500, autoencoder=None) -> list[dict]:
+    """One row per setting: the setting's fields, the metrics, and the seconds it took."""
+    if n < 2:
+        raise ValueError(f"--n must be at least 2, got {n}")
+    labels = balanced_labels(n, model.cfg.num_classes)
+    score_labels = labels if model.cfg.num_classes <= extractor.num_classes else None
+    rows = []
+    for st in settings:
+        t0 = time.perf_counter()
+        images = sample_uint8(model, labels, st, seed, batch_size, autoencoder)
+        t1 = time.perf_counter()
+        m = evaluate(images, score_labels, extractor, reference, layout="NHWC")
+        rows.append({**vars(st), **m, "sample_s": t1 - t0, "metric_s": time.perf_counter() - t1})
+    return rows
+
+
+def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: list[int] = (1,), order: str = "random",
+                        steps: int = 250, cfg: float = 1.0, seed: int = 0, data: str | None = None,
+                        inception: str | Path | None = None, ref: str | Path | None = None, raw: bool = False,
+                        device: str = "cpu", batch_size: int = 500, block: int = 4, dilation: int = 2,
+                        cache_dir: str | Path | None = None) -> list[dict]:
+    """Sample a run at each S in ``ar_steps`` and score it (see ``evaluate_model``)."""
+    from .autoencoders import IdentityAutoencoder, run_autoencoder
+    from .checkpoint import load_model, read_config
+
+    model = load_model(ckpt, ema=not raw, device=device)
+    data = data or read_config(ckpt).get("data") or "digits"
+    if data.startswith("latents:") and ref is None:
+        raise ValueError("for a run trained on a latent cache, pass --ref (reference statistics of the real images)")
+    ae = run_autoencoder(ckpt, device=device)
+    ae = None if isinstance(ae, IdentityAutoencoder) else ae
+    ext = make_extractor(data, inception, device, cache_dir)
+    reference = reference_stats(data, ext, ref, cache_dir)
+    settings = [EvalSetting(s, order, steps, cfg, block, dilation) for s in ar_steps]
+    return evaluate_model(model, settings, ext, reference, n, seed, batch_size, ae)
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table: one line per inference setting, one column per metric."""
+    head = ["S_eval", "order", "steps", "cfg", "n"] + [METRIC_NAMES[m] for m in METRICS] + ["time/s"]
+    lines = [head]
+    for r in rows:
+        vals = [f"{r[m]:.4g}" if m in r else "-" for m in METRICS]
+        lines.append([str(r["ar_steps"]), r["order"], str(r["steps"]), f"{r['cfg']:g}", str(int(r["num_samples"]))]
+                     + vals + [f"{r['sample_s'] + r['metric_s']:.1f}"])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in lines)
+
+
+def format_metrics(m: dict) -> str:
+    """One line per metric: ``FID 12.3`` ..."""
+    out = [f"{METRIC_NAMES[k]} {m[k]:.4f}" for k in METRICS if k in m]
+    return "\n".join(out + [f"samples {int(m['num_samples'])}"])
+
+
+# ---- in-loop evaluation --------------------------------------------------------------------------
+class EvalCallback:
+    """``Trainer`` callback: every ``every`` steps (and at the last step) score the EMA model.
+
+    Appends ``step, ar_steps, fid, inception_score, precision, recall, accuracy, seconds`` rows to
+    ``<run>/eval.csv`` and writes ``eval/<metric>_S<k>`` TensorBoard scalars when tensorboard is
+    installed. Sampling uses its own generators, so the training RNG stream is untouched (a run
+    with and without in-loop evaluation trains identically).
+    """
+
+    COLUMNS = ["step", "ar_steps", *METRICS, "seconds"]
+
+    def __init__(self, every: int, n: int = 500, ar_steps: list[int] = (1,), steps: int = 50,
+                 order: str = "random", cfg: float = 1.0, seed: int = 0, inception: str | Path | None = None,
+                 ref: str | Path | None = None, cache_dir: str | Path | None = None, batch_size: int = 500):
+        if every < 1:
+            raise ValueError(f"--eval-every must be >= 1, got {every}")
+        if n < 2:
+            raise ValueError(f"--eval-n must be >= 2, got {n}")
+        self.every, self.n, self.seed, self.batch_size = every, n, seed, batch_size
+        self.settings = [EvalSetting(int(s), order, steps, cfg) for s in ar_steps]
+        self.inception, self.ref, self.cache_dir = inception, ref, cache_dir
+        self._ready = False
+        self.history: list[dict] = []
+
+    def _setup(self, trainer) -> None:
+        from .autoencoders import IdentityAutoencoder, run_autoencoder
+
+        data = trainer.dataset.name
+        if data.startswith("latents:") and self.ref is None:
+            raise ValueError("in-loop evaluation of a latent-cache run needs --eval-ref (reference statistics)")
+        dev = trainer.cfg.device
+        self.extractor = make_extractor("digits" if data == "digits" else data, self.inception, dev, self.cache_dir)
+        self.reference = reference_stats(data, self.extractor, self.ref, self.cache_dir, trainer.cfg.image_size)
+        for st in self.settings:
+            if not 1 <= st.ar_steps <= trainer.model_cfg.num_tokens:
+                raise ValueError(f"--eval-ar-steps {st.ar_steps} is not in 1..{trainer.model_cfg.num_tokens}")
+        ae = run_autoencoder(trainer.out, device=dev) if trainer.is_main else None
+        self.autoencoder = None if ae is None or isinstance(ae, IdentityAutoencoder) else ae
+        self.path = Path(trainer.out) / "eval.csv"
+        self.writer = None
+        if trainer.is_main:
+            from .trainer import _tensorboard
+
+            self.writer = _tensorboard(Path(trainer.out))
+        self._ready = True
+
+    def __call__(self, trainer, last: dict) -> None:
+        if not trainer.is_main or not (trainer.step % self.every == 0 or trainer.step == trainer.cfg.steps):
+            return
+        if not self._ready:
+            self._setup(trainer)
+        was_training = trainer.ema.training
+        trainer.ema.eval()
+        rows = evaluate_model(trainer.ema, self.settings, self.extractor, self.reference, self.n, self.seed,
+                              self.batch_size, self.autoencoder)
+        trainer.ema.train(was_training)
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(self.COLUMNS)
+            for r in rows:
+                w.writerow([trainer.step, r["ar_steps"], *(f"{r[m]:.6g}" if m in r else "" for m in METRICS),
+                            f"{r['sample_s'] + r['metric_s']:.2f}"])
+        for r in rows:
+            self.history.append({"step": trainer.step, **r})
+            if self.writer is not None:
+                for m in METRICS:
+                    if m in r:
+                        self.writer.add_scalar(f"eval/{m}_S{r['ar_steps']}", r[m], trainer.step)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,186 @@
+"""`eval` (checkpoints and .npz files), in-loop evaluation during training, and the linear probe."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from causalfusion.cli import main
+from causalfusion.data import load_digits_split
+from causalfusion.evaluation import (EvalSetting, balanced_labels, evaluate_checkpoint, evaluate_npz, format_rows,
+                                     load_samples_npz, make_extractor, reference_stats)
+from causalfusion.probe import fit_probe, pooled_features, probe_checkpoint
+
+TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "4", "--batch-size", "8", "--sample-every", "0",
+        "--no-progress", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, monkeypatch_module):
+    # one digits classifier + reference for the whole session (test_ablation uses the same folder)
+    path = tmp_path_factory.getbasetemp() / "causalfusion_eval_cache"
+    path.mkdir(exist_ok=True)
+    monkeypatch_module.setenv("CAUSALFUSION_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("eval_run")
+    assert main(["train", "--data", "digits", "--out", str(out), "--steps", "4", *TINY]) == 0
+    return out
+
+
+def _digits_u8(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    x, y = load_digits_split(split)
+    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), y.numpy()
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+# ---------------------------------------------------------------- .npz files
+
+def test_eval_npz_real_digits_one_line_per_metric(cache, tmp_path, capsys):
+    images, labels = _digits_u8("test")
+    path = tmp_path / "real.npz"
+    np.savez(path, arr_0=images, labels=labels)
+    assert main(["eval", "--npz", str(path), "--data", "digits"]) == 0
+    out = dict(line.split(" ", 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert set(out) == {"FID", "IS", "precision", "recall", "accuracy", "samples"}
+    # held-out real digits against the train split: close, precise, recognisable
+    assert float(out["FID"]) < 5 and float(out["precision"]) > 0.8 and float(out["accuracy"]) > 0.9
+    assert int(out["samples"]) == len(images)
+    # unlabelled (unconditional) samples: no accuracy, everything else
+    np.savez(path, arr_0=images[:50])
+    assert "accuracy" not in evaluate_npz(path) and evaluate_npz(path)["fid"] > 0
+
+
+def _bad_files(tmp_path):
+    ok = np.zeros((6, 8, 8, 1), np.uint8)
+    cases = {
+        "shape": (dict(arr_0=np.zeros((6, 16, 16, 1), np.uint8)), "expected 8x8x1"),
+        "channels_first": (dict(arr_0=np.zeros((6, 1, 8, 8), np.uint8)), "must be"),
+        "labels_len": (dict(arr_0=ok, labels=np.zeros(5, np.int64)), "labels has shape"),
+        "labels_range": (dict(arr_0=ok, labels=np.full(6, 12)), "labels must lie"),
+        "missing_key": (dict(images=ok), "no 'arr_0'"),
+        "float": (dict(arr_0=ok.astype(np.float32)), "uint8"),
+    }
+    out = {}
+    for name, (arrays, msg) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        out[name] = (tmp_path / f"{name}.npz", msg)
+    (tmp_path / "corrupt.npz").write_bytes(b"this is not a zip file at all")
+    out["corrupt"] = (tmp_path / "corrupt.npz", "not an .npz")
+    np.savez(tmp_path / "full.npz", arr_0=ok)
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "full.npz").read_bytes()[:60])
+    out["truncated"] = (tmp_path / "truncated.npz", "not a readable")
+    out["absent"] = (tmp_path / "absent.npz", "not found")
+    return out
+
+
+def test_eval_npz_bad_inputs_refused_with_one_line(cache, tmp_path, capsys):
+    for name, (path, msg) in _bad_files(tmp_path).items():
+        with pytest.raises(ValueError, match=msg):
+            load_samples_npz(path, (8, 8, 1), 10)
+        assert main(["eval", "--npz", str(path), "--data", "digits"]) == 2, name
+        line = one_error_line(capsys)
+        assert line.startswith("causalfusion eval: error:") and msg in line, (name, line)
+
+
+def test_eval_needs_inception_for_other_data(tmp_path):
+    with pytest.raises(ValueError, match="--inception"):
+        make_extractor("folder:" + str(tmp_path))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_reference_stats_cached(cache):
+    ext = make_extractor("digits")
+    first = reference_stats("digits", ext)
+    files = list(cache.glob("digits_train_ref_*.npz"))
+    assert len(files) == 1 and first.features.shape == (1437, 64)
+    mtime = files[0].stat().st_mtime_ns
+    again = reference_stats("digits", ext)
+    assert files[0].stat().st_mtime_ns == mtime and np.allclose(again.mu, first.mu)
+
+
+def test_eval_checkpoint_table_per_setting(run_dir, capsys):
+    rows = evaluate_checkpoint(run_dir, n=20, ar_steps=[1, 2], steps=3)
+    assert [r["ar_steps"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"fid", "inception_score", "precision", "recall", "accuracy"} <= set(r) and r["num_samples"] == 20
+        assert 0 <= r["accuracy"] <= 1 and r["fid"] > 0
+    assert len(format_rows(rows).splitlines()) == 3
+    assert main(["eval", "--ckpt", str(run_dir), "--n", "12", "--ar-steps", "1,4", "--steps", "2",
+                 "--order", "raster"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:2] == ["S_eval", "order"] and [ln.split()[0] for ln in lines[1:]] == ["1", "4"]
+    assert main(["eval", "--ckpt", str(run_dir), "--ar-steps", "17", "--n", "4", "--steps", "2"]) == 2
+    assert "1..16" in one_error_line(capsys)
+
+
+def test_balanced_labels():
+    assert balanced_labels(13, 5).tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2]
+    assert EvalSetting(2, "raster", 10).label() == "S=2 raster T=10 cfg=1"
+
+
+# ---------------------------------------------------------------- in-loop evaluation
+
+def test_in_loop_eval_logged_and_training_unchanged(cache, tmp_path, capsys):
+    plain, evald = tmp_path / "plain", tmp_path / "evald"
+    assert main(["train", "--data", "digits", "--out", str(plain), "--steps", "4", *TINY]) == 0
+    assert main(["train", "--data", "digits", "--out", str(evald), "--steps", "4", *TINY, "--eval-every", "2",
+                 "--eval-n", "10", "--eval-ar-steps", "1,2", "--eval-steps", "2"]) == 0
+    rows = list(csv.DictReader(open(evald / "eval.csv")))
+    assert [(r["step"], r["ar_steps"]) for r in rows] == [("2", "1"), ("2", "2"), ("4", "1"), ("4", "2")]
+    assert all(float(r["fid"]) > 0 and 0 <= float(r["accuracy"]) <= 1 for r in rows)
+    # sampling draws from its own generators: the training stream (losses) is untouched
+    strip = lambda p: [line.rsplit(",", 1)[0] for line in open(p / "log.csv")]  # drop it/s
+    assert strip(plain) == strip(evald)
+    assert main(["train", "--data", "digits", "--out", str(tmp_path / "x"), "--steps", "2", *TINY,
+                 "--eval-every", "-1"]) == 2
+    assert "--eval-every" in one_error_line(capsys) and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- probe
+
+def test_probe_tiny_checkpoint(run_dir, capsys):
+    res = probe_checkpoint(run_dir)
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["n_test"] == 360 and res["feature_dim"] == 32
+    assert res["accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert 0.9 < res["pixel_accuracy"] <= 1.0
+    assert main(["probe", "--ckpt", str(run_dir), str(run_dir), "--mode", "clean"]) == 0
+    assert capsys.readouterr().out.count("probe accuracy") == 2
+
+
+def test_probe_features_and_separable_case(run_dir):
+    from causalfusion.checkpoint import load_model
+
+    model = load_model(run_dir)
+    x = torch.rand(6, 1, 8, 8) * 2 - 1
+    f0, fc = pooled_features(model, x, "t0"), pooled_features(model, x, "clean")
+    assert f0.shape == fc.shape == (6, 32) and not np.allclose(f0, fc)
+    with pytest.raises(ValueError, match="probe mode"):
+        pooled_features(model, x, "noisy")
+    with pytest.raises(ValueError, match="takes 1x8x8"):
+        pooled_features(model, torch.zeros(2, 3, 8, 8))
+    # an easy, linearly separable case: all-dark vs all-bright images
+    dark, bright = torch.full((40, 1, 8, 8), -0.9), torch.full((40, 1, 8, 8), 0.9)
+    imgs = torch.cat([dark, bright]) + 0.05 * torch.randn(80, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    feats, y = pooled_features(model, imgs), np.repeat([0, 1], 40)
+    idx = np.random.default_rng(0).permutation(80)
+    tr, te = idx[:60], idx[60:]
+    assert fit_probe(feats[tr], y[tr], feats[te], y[te])["accuracy"] == 1.0
