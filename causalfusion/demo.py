@@ -17,8 +17,8 @@ from .trainer import TrainConfig, Trainer
 
 # The demo model: 16 tokens of 2x2 pixels, 4 class tokens, paper defaults for the AR plan.
 DEMO_MODEL = dict(image_size=8, in_channels=1, patch_size=2, num_classes=10)
-DEMO_TRAIN = dict(data="digits", steps=2000, batch_size=64, lr=5e-4, warmup=100, ema_decay=0.999,
-                  precision="bf16", log_every=50, ckpt_every=500, sample_every=1000, sample_steps=50)
+DEMO_TRAIN = dict(data="digits", steps=1200, batch_size=64, lr=5e-4, warmup=100, ema_decay=0.999,
+                  precision="bf16", log_every=50, ckpt_every=400, sample_every=600, sample_steps=50)
 
 
 def demo_configs(out: str, steps: int | None = None, **overrides) -> tuple[ModelConfig, ARPlanConfig, TrainConfig]:

@@ -43,8 +43,8 @@ def test_params_counts_without_weights(capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["sample", "--ckpt", "/nonexistent/run", "--out", "{tmp}/x.png"], "does not exist"),
-    (["sample", "--ckpt", "{run}", "--class", "12", "--out", "{tmp}/x.png"], "class ids must be in 0..9"),
-    (["sample", "--ckpt", "{run}", "--class", "-1", "--out", "{tmp}/x.png"], "class ids must be in 0..9"),
+    (["sample", "--ckpt", "{run}", "--class", "12", "--out", "{tmp}/x.png"], "the model has classes 0..9"),
+    (["sample", "--ckpt", "{run}", "--class", "-1", "--out", "{tmp}/x.png"], "the model has classes 0..9"),
     (["sample", "--ckpt", "{run}", "--cfg-interval", "0,2000", "--cfg", "2", "--out", "{tmp}/x.png"], "CFG interval"),
     (["train", "--data", "digits", "--precision", "fp16", "--out", "{tmp}/r"], "fp16"),
     (["train", "--data", "folder:{tmp}", "--out", "{tmp}/r", "--image-size", "8"], "no images found"),

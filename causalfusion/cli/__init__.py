@@ -1,0 +1,42 @@
+"""Command line: parses arguments and calls the library. No modelling logic lives here.
+
+One module per group of commands; each has `add_parser(sub)` and its `cmd_*` functions.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..checkpoint import CheckpointError
+from . import edit, evaluate, info, sample, train
+from .train import add_train_args
+
+USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FloatingPointError, KeyError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="causalfusion", description="Causal Diffusion Transformers (CausalFusion)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for module in (train, sample, info, evaluate, edit):
+        module.add_parser(sub)
+    from ..multimodal.cli import add_commands as add_multimodal_commands  # train-mm, t2i, caption, eval-mm
+    add_multimodal_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to tell explicit flags from defaults (--config)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"causalfusion {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+__all__ = ["add_train_args", "build_parser", "main"]

@@ -1,0 +1,112 @@
+"""`causalfusion edit`: zero-shot inpaint / outpaint / new class (docs/editing.md)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..ar_plan import ORDERS
+from ..checkpoint import load_model
+from .common import parse_classes, sample_options
+
+def cmd_edit(a: argparse.Namespace) -> None:
+    from ..autoencoders import run_autoencoder
+    from ..edit_masks import load_image
+    from ..editing import edit, edit_accuracy, edit_figure, edit_region, format_accuracy
+    from ..images import save_grid, save_npz
+    from ..sampling import sample
+
+    model = load_model(a.ckpt, ema=not a.raw, device=a.device)
+    opts = sample_options(a)
+    try:
+        cfgs = [float(v) for v in a.cfg.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--cfg expects a number (a comma-separated list with --eval-digits), got {a.cfg!r}") from None
+    if not cfgs:
+        raise ValueError(f"--cfg expects a number, got {a.cfg!r}")
+    if a.eval_digits is not None:
+        import json
+
+        if opts["groups"] is not None or len(opts["steps"]) != 1:
+            raise ValueError("--eval-digits takes --ar-steps and a single --steps value (no --groups)")
+        rows = edit_accuracy(model, regions=[r for r in a.mask.split(",") if r], num=a.eval_digits, cfgs=cfgs,
+                             ar_steps=a.ar_steps, order=opts["order"], steps=opts["steps"][0], seed=a.seed,
+                             batch_size=a.batch_size, cache=not a.no_cache, fraction=a.mask_frac)
+        print(format_accuracy(rows))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=2)
+            print(f"wrote {a.json}")
+        return
+    nc = model.cfg.num_classes
+    if a.cls is None:
+        raise ValueError("give --class K: the class to regenerate the masked region as")
+    if len(cfgs) != 1:
+        raise ValueError(f"--cfg takes one number when editing, got {a.cfg!r}")
+    if a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
+    classes = parse_classes(a.cls, nc, "--class")
+    ae = run_autoencoder(a.ckpt, a.vae_path, device=a.device)  # identity for pixel runs
+    _, pixels = edit_region(model, a.mask, ae, a.mask_frac)  # the mask is checked before any work
+    size = model.cfg.image_size * ae.downsample
+    if a.image:
+        originals = torch.stack([load_image(p, size, ae.image_channels) for p in a.image])
+    else:
+        gen = torch.tensor(parse_classes(a.generate_class, nc, "--generate-class"))
+        if len(classes) not in (1, len(gen)):
+            raise ValueError(f"got {len(classes)} --class values for {len(gen)} originals (give one, or one per original)")
+        originals = ae.decode(sample(model, gen, steps=opts["steps"][0], sampler=a.sampler, eta=a.eta, cfg=cfgs[0],
+                                     cfg_interval=opts["cfg_interval"], seed=a.seed, cache=not a.no_cache))
+    labels = torch.tensor(classes)
+    edits = edit(model, originals, a.mask, labels, n=a.n, fraction=a.mask_frac, ar_steps=a.ar_steps,
+                 groups=opts["groups"], order=opts["order"], steps=opts["steps"], sampler=a.sampler, eta=a.eta,
+                 cfg=cfgs[0], cfg_interval=opts["cfg_interval"], seed=a.seed,
+                 first_index=0 if a.image else len(originals),  # generated originals are samples 0..B-1
+                 cache=not a.no_cache, block=a.block, dilation=a.dilation, autoencoder=ae, progress=True)
+    scale = 4 if size <= 16 else 1
+    save_grid(edit_figure(originals, pixels, edits, a.n), a.out, nrow=a.n + 2, scale=scale)
+    print(f"wrote {a.out}: {len(originals)} row(s) of original | masked input | {a.n} variation(s)")
+    if a.npz:
+        save_npz(edits, labels.expand(len(originals)).repeat_interleave(a.n), a.npz)
+        print(f"wrote {a.npz} ({len(edits)} edited images)")
+
+
+def add_parser(sub) -> None:
+    """`edit`: regenerate a masked region with a (new) class; --eval-digits scores it (docs/editing.md)."""
+    from ..edit_masks import REGIONS
+
+    e = sub.add_parser("edit", help="zero-shot editing: regenerate a masked region (inpaint/outpaint) as a new class")
+    e.add_argument("--ckpt", required=True, help="run directory written by train/demo")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", nargs="+", default=None, help="image file(s) of the model's size and channels (one row each)")
+    src.add_argument("--generate-class", default=None, help="generate the original(s) first: class id(s), comma separated")
+    src.add_argument("--eval-digits", type=int, default=None, metavar="N",
+                     help="digits model: edit the first N held-out test digits to new classes and print how often "
+                          "the classifier reads the new class (regions from --mask, comma separated)")
+    e.add_argument("--mask", default="center",
+                   help=f"region ({', '.join(REGIONS)}) or a mask image file (white = regenerate)")
+    e.add_argument("--mask-frac", type=float, default=None, help="fraction of the side the named region covers (default 0.5)")
+    e.add_argument("--class", dest="cls", default=None, help="the new class id (one, or one per original)")
+    e.add_argument("--n", type=int, default=4, help="variations per original")
+    e.add_argument("--out", default="edit.png", help="grid: original | masked input | variations, one row per original")
+    e.add_argument("--npz", default=None, help="also write the edited images in ADM format (arr_0, labels)")
+    e.add_argument("--ar-steps", type=int, default=None, help="AR steps over the masked tokens (default 1)")
+    e.add_argument("--groups", default=None, help="explicit group sizes of the masked tokens, e.g. 2,2,4")
+    e.add_argument("--order", default="random",
+                   help=f"order of the masked tokens: {', '.join(ORDERS)} or a permutation of 0..L-1")
+    e.add_argument("--block", type=int, default=4, help="tile size of the block order")
+    e.add_argument("--dilation", type=int, default=2, help="stride of the dilated order")
+    e.add_argument("--sampler", default="ddpm", help="ddpm or ddim")
+    e.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    e.add_argument("--steps", default="250", help="diffusion steps per AR step (one number, or one per AR step)")
+    e.add_argument("--cfg", default="1.0", help="classifier-free guidance scale (--eval-digits: a list, e.g. 1,3)")
+    e.add_argument("--cfg-interval", default="0,1000", help="guide only for t in [LO,HI)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-cache", action="store_true", help="uncached reference sampler")
+    e.add_argument("--batch-size", type=int, default=100, help="--eval-digits: digits per batch")
+    e.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--vae-path", default=None, help="where the run's VAE weights are now (if moved)")
+    e.add_argument("--json", default=None, help="--eval-digits: also write the rows as JSON")
+    e.set_defaults(func=cmd_edit)
+

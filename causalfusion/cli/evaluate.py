@@ -1,0 +1,116 @@
+"""`causalfusion eval`, `ablate` and `probe` (docs/evaluation.md)."""
+from __future__ import annotations
+
+import argparse
+
+from ..ar_plan import ORDERS
+from .common import ints
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    import json
+
+    from ..evaluation import evaluate_checkpoint, evaluate_npz, format_metrics, format_rows
+
+    if a.npz:
+        m = evaluate_npz(a.npz, a.data or "digits", a.inception, a.ref, a.device)
+        print(format_metrics(m))
+        rows = [m]
+    else:
+        rows = evaluate_checkpoint(a.ckpt, n=a.n, ar_steps=ints(a.ar_steps, "--ar-steps"), order=a.order,
+                                   steps=a.steps, cfg=a.cfg, seed=a.seed, data=a.data, inception=a.inception,
+                                   ref=a.ref, raw=a.raw, device=a.device, batch_size=a.batch_size, block=a.block,
+                                   dilation=a.dilation)
+        print(format_rows(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"wrote {a.json}")
+
+
+def cmd_ablate(a: argparse.Namespace) -> None:
+    import shlex
+
+    if a.suite == "multimodal":  # Tab. 6a, vision-language: causalfusion/multimodal/ablation.py
+        from ..multimodal.ablation import run_from_args
+        return run_from_args(a, "causalfusion " + shlex.join(a.argv))
+    from ..ablation import AblationSettings, run_suite
+
+    st = AblationSettings(data=a.data, seed=a.seed, steps=a.steps, budget=a.budget, batch_size=a.batch_size, lr=a.lr,
+                          depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads, eval_n=a.eval_n,
+                          eval_steps=a.eval_steps, precision=a.precision, inception=a.inception, ref=a.ref,
+                          s_eval=tuple(ints(a.s_eval, "--s-eval")) if a.s_eval else None, progress=a.progress)
+    configs = [c for c in a.configs.split(",") if c] if a.configs else None
+    command = "causalfusion " + shlex.join(a.argv)
+    report = run_suite(a.suite, st, a.out, configs, command, log=lambda msg: print(msg, flush=True))
+    print(f"wrote {report} and {report.parent / (a.suite + '.png')}")
+
+
+def cmd_probe(a: argparse.Namespace) -> None:
+    from ..probe import format_probe, probe_checkpoint
+
+    results = []
+    for ckpt in a.ckpt:
+        res = probe_checkpoint(ckpt, a.data, a.mode, a.raw, a.device)
+        results.append(res)
+        plan = f"fixed S_train={res['fixed_steps']}" if res["fixed_steps"] else f"gamma {res['gamma']}"
+        print(f"{ckpt} (step {res['step']}, {plan}):")
+        print("  " + format_probe(res).replace("\n", "\n  "))
+
+
+def add_parser(sub) -> None:
+    """`eval`, `ablate` and `probe` (docs/evaluation.md)."""
+    from ..ablation import SUITES
+
+    e = sub.add_parser("eval", help="FID / IS / precision / recall / accuracy of a checkpoint or an .npz of samples")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="run directory: sample it at every --ar-steps value and score each")
+    src.add_argument("--npz", help="ADM-format samples (arr_0 uint8 NHWC, optional labels) to score")
+    e.add_argument("--data", default=None, help="reference data: digits or folder:PATH (default: the run's; --npz: digits)")
+    e.add_argument("--n", type=int, default=2000, help="samples per inference setting (balanced classes)")
+    e.add_argument("--ar-steps", default="1", help="S_eval value(s), comma separated, e.g. 1,2,4,8")
+    e.add_argument("--order", default="random", choices=ORDERS, help="token order at inference")
+    e.add_argument("--block", type=int, default=4, help="tile size of the block order")
+    e.add_argument("--dilation", type=int, default=2, help="stride of the dilated order")
+    e.add_argument("--steps", type=int, default=250, help="DDPM steps per AR step")
+    e.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
+    e.add_argument("--inception", default=None, help="Inception-v3 weights file (the feature space for non-digits data)")
+    e.add_argument("--ref", default=None, help="reference statistics .npz (mu, sigma[, features]); default: from --data")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", default=None, help="also write the numbers as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("ablate", help="train + evaluate one of the paper's ablation suites; writes a Markdown report")
+    b.add_argument("--suite", required=True, choices=list(SUITES) + ["multimodal"])
+    b.add_argument("--data", default="digits")
+    b.add_argument("--out", default="runs/ablate", help="the report goes to OUT/SUITE/report.md")
+    budget = b.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget", type=float, default=None, help="wall seconds for the whole suite (picks --steps)")
+    budget.add_argument("--steps", type=int, default=None, help="training steps per config")
+    b.add_argument("--configs", default=None, help="only these configs of the suite (comma separated names)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--lr", type=float, default=5e-4)
+    b.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    b.add_argument("--depth", type=int, default=4)
+    b.add_argument("--hidden-size", type=int, default=128)
+    b.add_argument("--num-heads", type=int, default=4)
+    b.add_argument("--eval-n", type=int, default=500, help="samples per S_eval")
+    b.add_argument("--eval-steps", type=int, default=50, help="DDPM steps per AR step")
+    b.add_argument("--s-eval", default=None, help="S_eval values (default: the suite's, e.g. 1,2,4,8)")
+    b.add_argument("--inception", default=None, help="Inception-v3 weights (data other than digits)")
+    b.add_argument("--ref", default=None, help="reference statistics .npz (data other than digits)")
+    b.add_argument("--progress", action="store_true", help="show training progress bars")
+    b.set_defaults(func=cmd_ablate)
+
+    r = sub.add_parser("probe", help="linear-probe accuracy of a checkpoint's pooled last-layer features (Tab. 6b)")
+    r.add_argument("--ckpt", required=True, nargs="+", help="run directory (several to compare)")
+    r.add_argument("--data", default=None, help="digits or folder:PATH (default: the run's data)")
+    r.add_argument("--mode", default="t0", choices=["t0", "clean"],
+                   help="t0: S=1 input with x_t = x_0 and t = 0 (default); clean: the clean-token path")
+    r.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=cmd_probe)
+

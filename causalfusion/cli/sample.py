@@ -1,0 +1,102 @@
+"""`causalfusion sample`: next-token(s) diffusion from a checkpoint to a PNG grid, an .npz and a GIF."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..ar_plan import ORDERS
+from ..checkpoint import load_model
+from .common import parse_classes, sample_options
+
+GRID_MAX = 1024  # images in the PNG grid of `sample` (an FID run's 50k would not fit in memory)
+
+
+def cmd_sample(a: argparse.Namespace) -> None:
+    import time
+
+    from ..autoencoders import decode_in_batches, run_autoencoder
+    from ..distributed import finalize_distributed, init_distributed, sample_in_chunks, save_npz_uint8, uint8_to_images
+    from ..generation_path import GenerationPath
+    from ..images import save_grid
+    from ..sampling import resolve_groups, sample
+
+    env = init_distributed(a.device)  # under torchrun: every rank samples its share, rank 0 writes the files
+    model = load_model(a.ckpt, ema=not a.raw, device=a.device)
+    ae = run_autoencoder(a.ckpt, a.vae_path, device=a.device)  # latents -> pixels (identity for pixel runs)
+    nc = model.cfg.num_classes
+    classes = [nc] if a.uncond else parse_classes(a.cls, nc)
+    if a.per_class is not None:  # exactly balanced classes, e.g. 50 x 1000 for FID-50k
+        if a.per_class < 1:
+            raise ValueError(f"--per-class must be >= 1, got {a.per_class}")
+        a.n = a.per_class * len(classes)
+    if a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.check_digits and (a.uncond or (model.cfg.in_channels, model.cfg.image_size) != (1, 8)):
+        raise ValueError("--check-digits needs class-conditional samples of an 8x8 one-channel digits model")
+    if a.path_gif and model.cfg.in_channels not in (1, 3):
+        raise ValueError(f"--path-gif needs 1- or 3-channel images, the model has {model.cfg.in_channels}")
+    opts = sample_options(a)
+    groups = resolve_groups(model.cfg.num_tokens, a.ar_steps, opts["groups"])
+    labels = torch.tensor(classes).repeat(-(-a.n // len(classes)))[: a.n].sort(stable=True).values
+    path = GenerationPath() if a.path_gif else None
+    kw = dict(opts, groups=groups, sampler=a.sampler, eta=a.eta, cfg=a.cfg, seed=a.seed, cache=not a.no_cache,
+              block=a.block, dilation=a.dilation)
+    t0 = time.perf_counter()
+    arr = sample_in_chunks(a.n, a.batch_size, lambda s, e: decode_in_batches(ae, sample(
+        model, labels[s:e], first_index=s, progress=env.is_main, path=path if s == 0 else None, **kw)), env)
+    finalize_distributed()
+    if arr is None:  # a rank > 0 of torchrun: rank 0 has gathered everything and writes the files
+        return
+    images = uint8_to_images(arr[:GRID_MAX])  # the grid and the digits check look at the first GRID_MAX
+    print(f"sampled {a.n} images in {time.perf_counter() - t0:.1f}s: S={len(groups)} AR steps "
+          f"(groups {','.join(map(str, groups))}), order {kw['order'] if isinstance(kw['order'], str) else 'explicit'}, "
+          f"{a.sampler} x {','.join(map(str, kw['steps']))} steps, cache {'off' if a.no_cache else 'on'}")
+    if a.check_digits:
+        from ..digits_check import class_agreement
+
+        print(f"classifier reads {100 * class_agreement(images, labels[:len(images)]):.1f}% of the samples as the requested digit")
+    nrow = a.n // len(classes) if a.n % len(classes) == 0 and len(classes) > 1 else max(1, int(a.n ** 0.5))
+    scale = 4 if model.cfg.image_size <= 16 else 1
+    save_grid(images, a.out, nrow=nrow, scale=scale)
+    print(f"wrote {a.out}")
+    if a.npz:
+        save_npz_uint8(arr, labels, a.npz)
+        print(f"wrote {a.npz} ({a.n} images)")
+    if path is not None:
+        path.save_gif(a.path_gif, scale=scale)
+        print(f"wrote {a.path_gif} ({len(path.frames)} frames of the generation path)")
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("sample", help="sample images from a checkpoint")
+    s.add_argument("--ckpt", required=True, help="run directory written by train/demo")
+    s.add_argument("--class", dest="cls", default=None, help="class id(s), comma separated (default: all)")
+    s.add_argument("--uncond", action="store_true", help="sample with the null class")
+    s.add_argument("--n", type=int, default=100, help="number of images")
+    s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--cfg-interval", default="0,1000", help="guide only for t in [LO,HI), 0 <= LO <= HI <= 1000")
+    s.add_argument("--ar-steps", type=int, default=None, help="S: AR steps with equal groups (default 1)")
+    s.add_argument("--groups", default=None, help="explicit group sizes, e.g. 4,4,8 (sum L)")
+    s.add_argument("--order", default="random",
+                   help=f"token order: {', '.join(ORDERS)} or a permutation of 0..L-1 (comma separated)")
+    s.add_argument("--block", type=int, default=4, help="tile size of the block order")
+    s.add_argument("--dilation", type=int, default=2, help="stride of the dilated order")
+    s.add_argument("--sampler", default="ddpm", help="ddpm (ancestral, as in the release) or ddim")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--steps", default="250",
+                   help="diffusion steps per AR step: one number, or one per AR step (e.g. 100,50,25,25)")
+    s.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step (reference)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--npz", default=None, help="also write ADM-format .npz (arr_0 uint8 NHWC, labels)")
+    s.add_argument("--per-class", type=int, default=None, help="N images of every class (sets --n; e.g. 50 for FID-50k)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")
+    s.add_argument("--vae-path", default=None, help="where the run's VAE weights are now (if moved); checked by sha256")
+    s.add_argument("--path-gif", default=None, help="also write an animated GIF of the generation path")
+    s.add_argument("--check-digits", action="store_true", help="digits models: print the classifier agreement")
+    s.set_defaults(func=cmd_sample)

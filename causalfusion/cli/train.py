@@ -1,0 +1,117 @@
+"""`causalfusion train`: every training option, and the call into the Trainer."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from ..ar_plan import ORDERS, WEIGHTINGS, ARPlanConfig
+from ..checkpoint import read_config
+from ..configs import add_scale_args
+from ..models import PRESETS, ModelConfig
+from ..trainer import TrainConfig, param_count_str
+from .common import ints
+
+MODEL_ARGS = ("patch_size", "class_tokens", "class_repeat", "learn_pos", "image_size", "depth", "hidden_size", "num_heads")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits",
+                   help="'digits' (built in), 'folder:PATH' (ImageFolder tree) or 'latents:DIR' (cache-latents output)")
+    p.add_argument("--out", default="runs/train", help="run directory (checkpoints, logs, samples)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="model size (default tiny)")
+    p.add_argument("--image-size", type=int, default=None, help="folder data: resize/crop to this size")
+    p.add_argument("--channels", type=int, default=None, help="folder data: 1 (grey) or 3 (RGB, default)")
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None, help="override the preset's number of layers")
+    p.add_argument("--hidden-size", type=int, default=None, help="override the preset's width")
+    p.add_argument("--num-heads", type=int, default=None, help="override the preset's heads")
+    p.add_argument("--class-tokens", type=int, default=None)
+    p.add_argument("--class-repeat", type=int, default=None)
+    p.add_argument("--learn-pos", action="store_true", default=None, help="learnable positional embedding")
+    p.add_argument("--gamma", type=float, default=0.9, help="P(S) ∝ gamma^(S-1); 1 = uniform, 0 = In-context DiT")
+    p.add_argument("--ar-steps", type=int, default=0, help="fixed number of AR steps with equal groups (Tab. 2)")
+    p.add_argument("--order", default="random", choices=ORDERS)
+    p.add_argument("--block", type=int, default=4, help="tile size of the block order")
+    p.add_argument("--dilation", type=int, default=2, help="stride of the dilated order")
+    p.add_argument("--lam", type=float, default=2.0, help="AR loss weight at the first step (falls to 1)")
+    p.add_argument("--weighting", default="release", choices=WEIGHTINGS)
+    p.add_argument("--t-per-step", action="store_true", help="draw t per AR step instead of per sample")
+    p.add_argument("--t-copies", type=int, default=1, help="K timesteps per sample sharing the clean tokens (Tab. 7)")
+    for f in fields(TrainConfig):
+        if f.name in ("data", "out", "image_size", "progress"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, type=type(f.default) if f.default is not None else str, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    add_scale_args(p)  # --config, --vae, --vae-path, --base-lr, --strategy, --grad-accum, --grad-ckpt
+    add_eval_train_args(p)  # --eval-every and friends (in-loop evaluation)
+
+
+def add_eval_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("in-loop evaluation (logged to eval.csv and TensorBoard)")
+    g.add_argument("--eval-every", type=int, default=0, help="score the EMA model every N steps (0 = never)")
+    g.add_argument("--eval-n", type=int, default=500, help="samples per evaluation")
+    g.add_argument("--eval-ar-steps", default="1", help="S_eval value(s), comma separated")
+    g.add_argument("--eval-steps", type=int, default=50, help="DDPM steps per AR step of the evaluation samples")
+    g.add_argument("--eval-inception", default=None, help="Inception-v3 weights file (needed for data other than digits)")
+    g.add_argument("--eval-ref", default=None, help="reference statistics .npz (default: computed from --data, cached)")
+
+
+def eval_callbacks(a: argparse.Namespace, seed: int) -> list:
+    """The in-loop evaluation callback asked for by --eval-every (none when 0)."""
+    if not getattr(a, "eval_every", 0):
+        return []
+    from ..evaluation import EvalCallback
+
+    return [EvalCallback(a.eval_every, n=a.eval_n, ar_steps=ints(a.eval_ar_steps, "--eval-ar-steps"),
+                         steps=a.eval_steps, seed=seed, inception=a.eval_inception, ref=a.eval_ref)]
+
+
+def model_config_from_args(a: argparse.Namespace, saved: dict | None, num_classes: int, image_size: int, channels: int) -> ModelConfig:
+    """Model config: the saved one when resuming, overridden by what was given explicitly."""
+    base = saved or {**PRESETS[a.preset or "tiny"], "image_size": image_size, "in_channels": channels,
+                     "num_classes": num_classes, "patch_size": 2 if image_size <= 16 else 4}
+    if saved and a.preset:
+        base = {**base, **PRESETS[a.preset]}
+    given = {k: getattr(a, k) for k in MODEL_ARGS if getattr(a, k) is not None}
+    return ModelConfig.from_dict({**base, **given})
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from ..configs import apply_paper_config, explicit_dests, finish_paper_config, make_trainer, training_dataset
+    from ..distributed import finalize_distributed
+
+    if a.resume:
+        a.config = None  # a resumed run keeps its saved configuration
+    given = explicit_dests(getattr(a, "argv", []), add_train_args)
+    apply_paper_config(a, given)
+    saved = read_config(a.out) if a.resume else None
+    train_kw = {**(saved or {}).get("train", {})} if saved else {}
+    train_kw.update({f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None})
+    data = a.data if not saved or "data" in given else saved.get("train", {}).get("data", a.data)  # resume: saved data
+    train_kw.update(data=data, out=a.out, progress=not a.no_progress)
+    if a.image_size is not None:
+        train_kw["image_size"] = a.image_size
+    tc = TrainConfig.from_dict(train_kw)
+    dataset = training_dataset(a, tc.data, tc.image_size, saved, tc.device)  # pixels, VAE on the fly, or a cache
+    finish_paper_config(a, given, tc, len(dataset))  # --config: epochs counted on this dataset
+    a.image_size = dataset.image_size  # the model's image size is the latent size
+    mc = model_config_from_args(a, saved and saved.get("model"), dataset.num_classes, dataset.image_size, dataset.channels)
+    plan = ARPlanConfig(gamma=a.gamma, fixed_steps=a.ar_steps, order=a.order, block=a.block, dilation=a.dilation,
+                        lam=a.lam, weighting=a.weighting, t_per_step=a.t_per_step, t_copies=a.t_copies)
+    callbacks = eval_callbacks(a, tc.seed)  # checked before anything is written
+    trainer = make_trainer(mc, plan, tc, a, dataset)  # Trainer, or DistributedTrainer under torchrun / FSDP2 / accumulation
+    if trainer.is_main:
+        print(f"model {param_count_str(sum(p.numel() for p in trainer.model.parameters()))} params, "
+              f"{mc.num_tokens} tokens, data {dataset.name} ({len(dataset)} images) -> {tc.out}")
+    trainer.train(callbacks=callbacks)
+    if trainer.is_main:
+        print(f"done: step {trainer.step}, checkpoint and samples in {tc.out}")
+    finalize_distributed()
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model")
+    add_train_args(t)
+    t.set_defaults(func=cmd_train)
