@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..checkpoint import CheckpointError
-from . import edit, evaluate, info, sample, train
+from . import edit, evaluate, info, multimodal, sample, train
 from .train import add_train_args
 
 USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FloatingPointError, KeyError)
@@ -19,8 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for module in (train, sample, info, evaluate, edit):
         module.add_parser(sub)
-    from ..multimodal.cli import add_commands as add_multimodal_commands  # train-mm, t2i, caption, eval-mm
-    add_multimodal_commands(sub)
+    multimodal.add_commands(sub)  # train-mm, t2i, caption, eval-mm
     return p
 
 

@@ -1,6 +1,6 @@
 """Multimodal subcommands (train-mm, t2i, caption, eval-mm): parse and call.
 
-``causalfusion ablate --suite multimodal`` lives in ``ablation.run_from_args``.
+``causalfusion ablate --suite multimodal`` lives in ``causalfusion.multimodal.ablation.run_from_args``.
 
 ``add_commands(sub)`` registers them on the main ``causalfusion`` parser; errors are ValueErrors
 (or CheckpointErrors) that ``causalfusion.cli.main`` prints as one line.
@@ -17,7 +17,7 @@ import torch
 from ..ar_plan import ORDERS, ARPlanConfig
 from ..checkpoint import read_config
 from ..models import PRESETS, ModelConfig
-from .objective import MixConfig
+from ..multimodal.objective import MixConfig
 
 # The shapes defaults: 16 px RGB, 4x4 patches -> 16 image tokens.
 MM_MODEL = dict(image_size=16, in_channels=3, patch_size=4, num_classes=0, class_tokens=1)
@@ -62,7 +62,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def configs_from_args(a: argparse.Namespace):
     """-> (ModelConfig, text overrides, ARPlanConfig, MixConfig, MMTrainConfig)."""
-    from .train import MMTrainConfig
+    from ..multimodal.train import MMTrainConfig
 
     size = {k: v for k, v in dict(depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads).items() if v}
     mc = ModelConfig.from_preset(a.preset, **{**MM_MODEL, "patch_size": a.patch_size, "image_size": a.image_size, **size})
@@ -77,7 +77,7 @@ def configs_from_args(a: argparse.Namespace):
 
 
 def cmd_train_mm(a: argparse.Namespace) -> None:
-    from .train import MMTrainConfig, MMTrainer
+    from ..multimodal.train import MMTrainConfig, MMTrainer
 
     if a.resume:  # a resumed run keeps everything it was started with, except the step target
         saved = read_config(a.out)
@@ -107,8 +107,8 @@ def _check_interval(text: str) -> tuple[float, float]:
 
 def cmd_t2i(a: argparse.Namespace) -> None:
     from ..images import save_grid
-    from .generate import text_to_image
-    from .train import load_multimodal
+    from ..multimodal.generate import text_to_image
+    from ..multimodal.train import load_multimodal
 
     model, tok = load_multimodal(a.ckpt, ema=not a.raw)
     if a.n < 1:
@@ -121,7 +121,7 @@ def cmd_t2i(a: argparse.Namespace) -> None:
     save_grid(images, a.out, nrow=a.n, scale=4 if model.cfg.image_size <= 32 else 1)
     print(f"wrote {a.out}: {len(a.prompt)} prompt(s) x {a.n} (one row per prompt)")
     if a.check:
-        from .shapes import detect_objects, parse_caption
+        from ..multimodal.shapes import detect_objects, parse_caption
 
         for i, p in enumerate(a.prompt):
             want = parse_caption(p)
@@ -142,8 +142,8 @@ def load_image(path: str, size: int) -> torch.Tensor:
 
 
 def cmd_caption(a: argparse.Namespace) -> None:
-    from .generate import caption
-    from .train import load_multimodal
+    from ..multimodal.generate import caption
+    from ..multimodal.train import load_multimodal
 
     model, tok = load_multimodal(a.ckpt, ema=not a.raw)
     images = torch.stack([load_image(p, model.cfg.image_size) for p in a.image])
@@ -152,8 +152,8 @@ def cmd_caption(a: argparse.Namespace) -> None:
 
 
 def cmd_eval_mm(a: argparse.Namespace) -> None:
-    from .evaluate import ShapesExtractor, evaluate_model
-    from .train import load_multimodal
+    from ..multimodal.evaluate import ShapesExtractor, evaluate_model
+    from ..multimodal.train import load_multimodal
 
     model, tok = load_multimodal(a.ckpt)
     ext = ShapesExtractor(model.cfg.image_size) if a.fid else None
