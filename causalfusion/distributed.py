@@ -41,7 +41,7 @@ from .diffusion import epsilon_loss
 from .images import save_grid
 from .models import CausalFusion
 from .objective import drop_labels
-from .trainer import Trainer
+from .trainer import Trainer, adamw, check_finite, update_ema
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -196,7 +196,7 @@ class DistributedTrainer(Trainer):
         fully_shard(self.module, mesh=mesh, mp_policy=mp)
         fully_shard(self.ema, mesh=mesh)  # sharded storage only: the EMA never runs forward here
         c = self.cfg
-        self.opt = torch.optim.AdamW(self.module.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.opt = adamw(self.module.parameters(), c.lr)
         if opt_state["state"]:  # resumed: the full optimizer state, sharded like the parameters
             set_optimizer_state_dict(self.module, self.opt, optimizer_state_by_name(opt_state, self._names),
                                      options=StateDictOptions(full_state_dict=True))
@@ -253,16 +253,12 @@ class DistributedTrainer(Trainer):
             red = mean.to(dev if dev.type == "cuda" else "cpu")
             dist.all_reduce(red)
             mean = red.cpu() / w
-        if not torch.isfinite(mean):
-            raise FloatingPointError(f"loss is {mean.item()} at step {self.step}; stopping (last checkpoint left as it was)")
+        check_finite(mean, self.step)
         gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), c.grad_clip)
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         self.opt.step()
-        with torch.no_grad():
-            decay = self.ema_decay_at(self.step)
-            for e, p in zip(self.ema.parameters(), self.module.parameters()):
-                e.lerp_(p, 1.0 - decay)
+        update_ema(self.ema, self.module, self.ema_decay_at(self.step))
         self.step += 1
         return {"loss": float(mean), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1),
                 "ar_steps": plan.num_steps}

@@ -53,6 +53,43 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# ---- pieces every trainer here shares (Trainer, DistributedTrainer, multimodal MMTrainer) ------
+def adamw(params, lr: float) -> torch.optim.AdamW:
+    """The paper's optimiser (Tab. 9/10): AdamW with betas (0.9, 0.95) and no weight decay."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def warmup_lr(step: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant."""
+    return lr * min(1.0, (step + 1) / max(warmup, 1))
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with a warm-up, min(decay, (1+step)/(10+step)): a short run's EMA would
+    otherwise still be mostly its random initialisation (0.999^1000 = 37% of it)."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint left as it was)")
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse to train over an existing run without --resume, or to resume a run that is not there."""
+    has_ckpt = (out / "state.json").exists()
+    if has_ckpt and not resume:
+        raise CheckpointError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    if resume and not has_ckpt:
+        raise CheckpointError(f"nothing to resume: {out}/state.json not found")
+
+
 def check_precision(precision: str, device: str) -> None:
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16")
@@ -73,11 +110,7 @@ class Trainer:
         c = self.cfg
         check_precision(c.precision, c.device)
         self.out = Path(c.out)
-        has_ckpt = (self.out / "state.json").exists()
-        if has_ckpt and not self.resume:
-            raise CheckpointError(f"{self.out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-        if self.resume and not has_ckpt:
-            raise CheckpointError(f"nothing to resume: {self.out}/state.json not found")
+        check_run_dir(self.out, self.resume)
         self.dataset = self.dataset or load_dataset(c.data, c.image_size)
         d = self.dataset
         want = (d.image_size, d.channels, d.num_classes)
@@ -91,7 +124,7 @@ class Trainer:
         torch.manual_seed(c.seed)  # weight init
         self.model = CausalFusion(self.model_cfg).to(c.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.opt = adamw(self.model.parameters(), c.lr)
         self.diffusion = Diffusion()
         self.gen = torch.Generator().manual_seed(c.seed)
         self.stream = BatchStream(d, c.batch_size, self.gen)
@@ -121,12 +154,10 @@ class Trainer:
         self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(self.cfg.warmup, 1))
+        return warmup_lr(step, self.cfg.lr, self.cfg.warmup)
 
     def ema_decay_at(self, step: int) -> float:
-        """EMA decay with a warm-up, min(decay, (1+step)/(10+step)): a short run's EMA would
-        otherwise still be mostly its random initialisation (0.999^1000 = 37% of it)."""
-        return min(self.cfg.ema_decay, (1.0 + step) / (10.0 + step))
+        return ema_decay_at(step, self.cfg.ema_decay)
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns loss, grad norm, lr and the number of AR steps drawn."""
@@ -138,16 +169,12 @@ class Trainer:
         self.model.train()
         with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
             loss, plan = causalfusion_loss(self.model, self.diffusion, x0.to(dev), y.to(dev), self.plan_cfg, self.gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping (last checkpoint left as it was)")
+        check_finite(loss, self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.opt.step()
-        with torch.no_grad():
-            decay = self.ema_decay_at(self.step)
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p, 1.0 - decay)
+        update_ema(self.ema, self.model, self.ema_decay_at(self.step))
         self.step += 1
         return {"loss": loss.item(), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1), "ar_steps": plan.num_steps}
 

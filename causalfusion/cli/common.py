@@ -37,3 +37,23 @@ def sample_options(a: argparse.Namespace) -> dict:
         raise ValueError(f"--cfg-interval expects LO,HI (e.g. 0,700), got {a.cfg_interval!r}") from None
     return dict(groups=None if a.groups is None else ints(a.groups, "--groups"), order=order,
                 steps=ints(a.steps, "--steps"), cfg_interval=(lo, hi))
+
+
+def add_sampler_args(p: argparse.ArgumentParser, what: str = "tokens") -> None:
+    """The options `sample` and `edit` share: how the generated ``what`` are split, ordered and denoised."""
+    p.add_argument("--ar-steps", type=int, default=None, help=f"S: AR steps with equal groups over the {what} (default 1)")
+    p.add_argument("--groups", default=None, help=f"explicit group sizes of the {what}, e.g. 4,4,8")
+    p.add_argument("--order", default="random",
+                   help=f"token order: {', '.join(ORDERS)} or a permutation of 0..L-1 (comma separated)")
+    p.add_argument("--block", type=int, default=4, help="tile size of the block order")
+    p.add_argument("--dilation", type=int, default=2, help="stride of the dilated order")
+    p.add_argument("--sampler", default="ddpm", help="ddpm (ancestral, as in the release) or ddim")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--steps", default="250",
+                   help="diffusion steps per AR step: one number, or one per AR step (e.g. 100,50,25,25)")
+    p.add_argument("--cfg-interval", default="0,1000", help="guide only for t in [LO,HI), 0 <= LO <= HI <= 1000")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step (reference)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")
+    p.add_argument("--vae-path", default=None, help="where the run's VAE weights are now (if moved); checked by sha256")

@@ -5,9 +5,8 @@ import argparse
 
 import torch
 
-from ..ar_plan import ORDERS
 from ..checkpoint import load_model
-from .common import parse_classes, sample_options
+from .common import add_sampler_args, parse_classes, sample_options
 
 def cmd_edit(a: argparse.Namespace) -> None:
     from ..autoencoders import run_autoencoder
@@ -90,23 +89,9 @@ def add_parser(sub) -> None:
     e.add_argument("--n", type=int, default=4, help="variations per original")
     e.add_argument("--out", default="edit.png", help="grid: original | masked input | variations, one row per original")
     e.add_argument("--npz", default=None, help="also write the edited images in ADM format (arr_0, labels)")
-    e.add_argument("--ar-steps", type=int, default=None, help="AR steps over the masked tokens (default 1)")
-    e.add_argument("--groups", default=None, help="explicit group sizes of the masked tokens, e.g. 2,2,4")
-    e.add_argument("--order", default="random",
-                   help=f"order of the masked tokens: {', '.join(ORDERS)} or a permutation of 0..L-1")
-    e.add_argument("--block", type=int, default=4, help="tile size of the block order")
-    e.add_argument("--dilation", type=int, default=2, help="stride of the dilated order")
-    e.add_argument("--sampler", default="ddpm", help="ddpm or ddim")
-    e.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    e.add_argument("--steps", default="250", help="diffusion steps per AR step (one number, or one per AR step)")
+    add_sampler_args(e, "masked tokens")
     e.add_argument("--cfg", default="1.0", help="classifier-free guidance scale (--eval-digits: a list, e.g. 1,3)")
-    e.add_argument("--cfg-interval", default="0,1000", help="guide only for t in [LO,HI)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--no-cache", action="store_true", help="uncached reference sampler")
     e.add_argument("--batch-size", type=int, default=100, help="--eval-digits: digits per batch")
-    e.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--vae-path", default=None, help="where the run's VAE weights are now (if moved)")
     e.add_argument("--json", default=None, help="--eval-digits: also write the rows as JSON")
     e.set_defaults(func=cmd_edit)
 

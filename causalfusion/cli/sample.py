@@ -5,9 +5,8 @@ import argparse
 
 import torch
 
-from ..ar_plan import ORDERS
 from ..checkpoint import load_model
-from .common import parse_classes, sample_options
+from .common import add_sampler_args, parse_classes, sample_options
 
 GRID_MAX = 1024  # images in the PNG grid of `sample` (an FID run's 50k would not fit in memory)
 
@@ -77,26 +76,11 @@ def add_parser(sub) -> None:
     s.add_argument("--uncond", action="store_true", help="sample with the null class")
     s.add_argument("--n", type=int, default=100, help="number of images")
     s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    s.add_argument("--cfg-interval", default="0,1000", help="guide only for t in [LO,HI), 0 <= LO <= HI <= 1000")
-    s.add_argument("--ar-steps", type=int, default=None, help="S: AR steps with equal groups (default 1)")
-    s.add_argument("--groups", default=None, help="explicit group sizes, e.g. 4,4,8 (sum L)")
-    s.add_argument("--order", default="random",
-                   help=f"token order: {', '.join(ORDERS)} or a permutation of 0..L-1 (comma separated)")
-    s.add_argument("--block", type=int, default=4, help="tile size of the block order")
-    s.add_argument("--dilation", type=int, default=2, help="stride of the dilated order")
-    s.add_argument("--sampler", default="ddpm", help="ddpm (ancestral, as in the release) or ddim")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    s.add_argument("--steps", default="250",
-                   help="diffusion steps per AR step: one number, or one per AR step (e.g. 100,50,25,25)")
-    s.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step (reference)")
-    s.add_argument("--seed", type=int, default=0)
+    add_sampler_args(s)  # --ar-steps --groups --order --sampler --steps --cfg-interval --no-cache --seed ...
     s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--npz", default=None, help="also write ADM-format .npz (arr_0 uint8 NHWC, labels)")
     s.add_argument("--per-class", type=int, default=None, help="N images of every class (sets --n; e.g. 50 for FID-50k)")
-    s.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")
-    s.add_argument("--vae-path", default=None, help="where the run's VAE weights are now (if moved); checked by sha256")
     s.add_argument("--path-gif", default=None, help="also write an animated GIF of the generation path")
     s.add_argument("--check-digits", action="store_true", help="digits models: print the classifier agreement")
     s.set_defaults(func=cmd_sample)

@@ -21,7 +21,7 @@ from ..checkpoint import (CheckpointError, _load_weights, load_training_state, r
                           save_checkpoint, write_config)
 from ..diffusion import Diffusion
 from ..models import ModelConfig
-from ..trainer import check_precision
+from ..trainer import adamw, check_finite, check_precision, check_run_dir, ema_decay_at, update_ema, warmup_lr
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
 from .objective import MixConfig, multimodal_loss
@@ -72,11 +72,7 @@ class MMTrainer:
         check_precision(c.precision, c.device)
         self.mix.validate()
         self.out = Path(c.out)
-        has_ckpt = (self.out / "state.json").exists()
-        if has_ckpt and not self.resume:
-            raise CheckpointError(f"{self.out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-        if self.resume and not has_ckpt:
-            raise CheckpointError(f"nothing to resume: {self.out}/state.json not found")
+        check_run_dir(self.out, self.resume)
         self.dataset = self.dataset or load_captioned(c.data, c.image_size, c.seed)
         d = self.dataset
         if (d.image_size, 3) != (self.model_cfg.image_size, self.model_cfg.in_channels):
@@ -93,7 +89,7 @@ class MMTrainer:
         torch.manual_seed(c.seed)
         self.model = MultimodalCausalFusion(self.model_cfg, self.text_cfg).to(c.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.opt = adamw(self.model.parameters(), c.lr)
         self.diffusion = Diffusion()
         self.gen = torch.Generator().manual_seed(c.seed)
         ids, lens = self.tokenizer.batch(d.all_captions(), self.text_cfg.max_text_len)
@@ -113,7 +109,7 @@ class MMTrainer:
             self.tokenizer.save(self.out)
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(self.cfg.warmup, 1))
+        return warmup_lr(step, self.cfg.lr, self.cfg.warmup)
 
     def train_step(self) -> dict[str, float]:
         c = self.cfg
@@ -124,16 +120,12 @@ class MMTrainer:
         with torch.autocast(torch.device(c.device).type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
             loss, stats = multimodal_loss(self.model, self.diffusion, x0.to(c.device), ids, lens, self.plan_cfg,
                                           self.mix, self.gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping (last checkpoint left as it was)")
+        check_finite(loss, self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.opt.step()
-        with torch.no_grad():
-            decay = min(c.ema_decay, (1.0 + self.step) / (10.0 + self.step))
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p, 1.0 - decay)
+        update_ema(self.ema, self.model, ema_decay_at(self.step, c.ema_decay))
         self.step += 1
         return {"loss": loss.item(), "grad_norm": float(gnorm), **stats}
 
