@@ -37,10 +37,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .ar_plan import sample_plan
 from .checkpoint import save_checkpoint_states
-from .diffusion import epsilon_loss
+from .diffusion import denoising_loss
 from .images import save_grid
 from .models import CausalFusion
-from .objective import drop_labels
+from .objective import ar_target, drop_labels
 from .trainer import Trainer, adamw, check_finite, update_ema
 
 STRATEGIES = ("ddp", "fsdp")
@@ -211,9 +211,8 @@ class DistributedTrainer(Trainer):
         t_raster = torch.empty_like(t).scatter_(2, order[:, None, :].expand(b, k, num_tokens), t)
         xt_tok = self.diffusion.q_sample(x0_tok[:, None].expand(b, k, num_tokens, p), t_raster, noise)
         xt = m.unpatchify(xt_tok.flatten(0, 1)).view(b, k, *x0.shape[1:])
-        eps = self.model(x0, xt, t, y, group_sizes, order)
-        target = torch.gather(noise, 2, order[:, None, :, None].expand(b, k, num_tokens, p))
-        return epsilon_loss(eps, target, weights.to(dev))
+        out = self.model(x0, xt, t, y, group_sizes, order)
+        return denoising_loss(out, ar_target(self.diffusion, x0_tok, t, noise, order), weights.to(dev))
 
     def _sync(self, on: bool):
         if self.fsdp:

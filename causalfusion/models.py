@@ -5,7 +5,8 @@ sequence, the diffusion timestep embedding is *added* to the noisy image tokens,
 else is a plain pre-LN transformer (qkv without bias, head-wise QK LayerNorm, MLP 4x GELU-tanh).
 One input projection is shared by clean and noisy tokens; 2-D sin-cos positions are added
 *before* the tokens are put in AR order, so every token keeps its own position whatever the
-order. The output head is zero-initialised and predicts the noise epsilon.
+order. The output head is zero-initialised and predicts the noise epsilon (or v, see
+``diffusion.schedule``; ``ModelConfig.prediction`` says which).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .diffusion import PREDICTIONS
 from .kv_cache import KVCache
 from .masks import generalized_causal_mask
 
@@ -33,7 +35,8 @@ PRESETS: dict[str, dict[str, int]] = {
 
 @dataclass
 class ModelConfig:
-    """Everything that fixes the weights' shapes. Saved as JSON next to every checkpoint."""
+    """Everything that fixes the weights' shapes, and what the output means. Saved as JSON next to
+    every checkpoint."""
 
     image_size: int = 8  # pixels (or latent cells) per side
     in_channels: int = 1
@@ -47,8 +50,11 @@ class ModelConfig:
     class_repeat: int = 1  # Tab. 8: e.g. 4 tokens repeated 16x
     learn_pos: bool = False  # fixed sin-cos (ablations) or learnable, sin-cos initialised (system)
     qk_norm: bool = True
+    prediction: str = "eps"  # what the head outputs: the noise (paper) or v (small pixel images)
 
     def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction type {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image size {self.image_size} is not a multiple of patch size {self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -256,7 +262,8 @@ class CausalFusion(nn.Module):
 
     # ---- one-AR-step denoiser (S = 1, In-context DiT mode) -----------------------------------
     def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """S=1: noisy images [B, C, H, W], timesteps [B], labels [B] -> eps [B, C, H, W]."""
+        """S=1: noisy images [B, C, H, W], timesteps [B], labels [B] -> output [B, C, H, W]
+        (eps, or v when ``cfg.prediction`` is "v")."""
         b, num_tokens = xt.shape[0], self.cfg.num_tokens
         raster = torch.arange(num_tokens, device=xt.device).expand(b, num_tokens)
         tokens = self.embed_tokens(self.patchify(xt), raster, t[:, None].expand(b, num_tokens))

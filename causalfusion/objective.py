@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .ar_plan import ARPlan, ARPlanConfig, sample_plan
-from .diffusion import Diffusion, epsilon_loss
+from .diffusion import Diffusion, denoising_loss
 from .models import CausalFusion
 
 
@@ -42,6 +42,15 @@ def causalfusion_loss(
     xt_tok = diffusion.q_sample(x0_tok[:, None].expand(b, k, num_tokens, p), t_raster, noise)
     xt = model.unpatchify(xt_tok.flatten(0, 1)).view(b, k, *x0.shape[1:])
 
-    eps = model(x0, xt, t, y, plan.group_sizes, order)  # [B, K, L, P], AR order
-    target = torch.gather(noise, 2, order[:, None, :, None].expand(b, k, num_tokens, p))
-    return epsilon_loss(eps, target, plan.weights.to(device)), plan
+    out = model(x0, xt, t, y, plan.group_sizes, order)  # [B, K, L, P], AR order
+    return denoising_loss(out, ar_target(diffusion, x0_tok, t, noise, order), plan.weights.to(device)), plan
+
+
+def ar_target(diffusion: Diffusion, x0_tok: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+              order: torch.Tensor) -> torch.Tensor:
+    """The regression target in AR order [B, K, L, P]: x0_tok [B, L, P] and noise [B, K, L, P] in
+    raster order, t [B, K, L] and order [B, L] in AR order."""
+    b, k, num_tokens, p = noise.shape
+    idx = order[:, None, :, None].expand(b, k, num_tokens, p)
+    x0_ar = torch.gather(x0_tok[:, None].expand(b, k, num_tokens, p), 2, idx)
+    return diffusion.target(x0_ar, t, torch.gather(noise, 2, idx))

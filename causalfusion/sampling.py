@@ -297,7 +297,7 @@ def sample(
     doubled = cfg != 1.0
     y_all = torch.cat([y, torch.full_like(y, c.num_classes)]) if doubled else y
     runner = (_CachedRunner if cache else _UncachedRunner)(model, y_all)
-    schedules = {n: Diffusion().respace(n) for n in set(per_step)}
+    schedules = {n: Diffusion(prediction=c.prediction).respace(n) for n in set(per_step)}
     x = torch.zeros(b, num_tokens, patch_dim, device=device)  # AR order; finished groups are clean
     lo, hi = cfg_interval
     bar = tqdm(total=sum(per_step), desc="sampling", disable=not progress, leave=False)
@@ -413,7 +413,7 @@ def sample_one_step(
     c = model.cfg
     check_labels(labels, c.num_classes)
     device = next(model.parameters()).device
-    diffusion = Diffusion().respace(steps)
+    diffusion = Diffusion(prediction=c.prediction).respace(steps)
     gens = sample_generators(seed, range(first_index, first_index + len(labels)))
     shape = (c.in_channels, c.image_size, c.image_size)
     x = per_sample_randn(gens, shape, device)

@@ -125,7 +125,7 @@ class Trainer:
         self.model = CausalFusion(self.model_cfg).to(c.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = adamw(self.model.parameters(), c.lr)
-        self.diffusion = Diffusion()
+        self.diffusion = Diffusion(prediction=self.model_cfg.prediction)
         self.gen = torch.Generator().manual_seed(c.seed)
         self.stream = BatchStream(d, c.batch_size, self.gen)
         config = {"model": self.model_cfg.to_dict(), "plan": asdict(self.plan_cfg), "train": asdict(c),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from causalfusion.diffusion import Diffusion, epsilon_loss, space_timesteps
+from causalfusion.diffusion import Diffusion, denoising_loss, space_timesteps
 
 
 def np_alphas_cumprod(n: int = 1000) -> np.ndarray:
@@ -168,7 +168,7 @@ def test_ddim_eta_one_adds_ddpm_posterior_noise():
     torch.testing.assert_close(b, d.ddpm_step(xt, i, eps, torch.zeros(5, dtype=torch.float64)))
 
 
-def test_epsilon_loss_weighted_mean():
+def test_denoising_loss_weighted_mean():
     g = torch.Generator().manual_seed(3)
     B, K, L, P = 2, 3, 5, 4
     pred = torch.randn(B, K, L, P, generator=g)
@@ -180,15 +180,53 @@ def test_epsilon_loss_weighted_mean():
             for l in range(L):
                 total += float(w[l]) * sum(float(pred[b, k, l, p] - noise[b, k, l, p]) ** 2 for p in range(P)) / P
     expected = total / (B * K * L)
-    assert float(epsilon_loss(pred, noise, w)) == pytest.approx(expected, rel=1e-5)
-    assert float(epsilon_loss(pred, noise)) == pytest.approx(float(F.mse_loss(pred, noise)), rel=1e-6)
-    assert float(epsilon_loss(pred, noise, torch.ones(L))) == pytest.approx(float(F.mse_loss(pred, noise)), rel=1e-6)
-    assert epsilon_loss(pred, pred.clone(), w).item() == 0.0
+    assert float(denoising_loss(pred, noise, w)) == pytest.approx(expected, rel=1e-5)
+    assert float(denoising_loss(pred, noise)) == pytest.approx(float(F.mse_loss(pred, noise)), rel=1e-6)
+    assert float(denoising_loss(pred, noise, torch.ones(L))) == pytest.approx(float(F.mse_loss(pred, noise)), rel=1e-6)
+    assert denoising_loss(pred, pred.clone(), w).item() == 0.0
 
 
-def test_epsilon_loss_is_differentiable_and_float32_for_half_inputs():
+def test_denoising_loss_is_differentiable_and_float32_for_half_inputs():
     pred = torch.randn(2, 4, 3, dtype=torch.bfloat16, requires_grad=True)
-    loss = epsilon_loss(pred, torch.zeros(2, 4, 3, dtype=torch.bfloat16), torch.ones(4))
+    loss = denoising_loss(pred, torch.zeros(2, 4, 3, dtype=torch.bfloat16), torch.ones(4))
     assert loss.dtype == torch.float32 and loss.ndim == 0
     loss.backward()
     assert pred.grad is not None and pred.grad.abs().sum() > 0
+
+
+# ---- v-prediction ---------------------------------------------------------------------------------
+def test_unknown_prediction_refused():
+    with pytest.raises(ValueError, match="prediction type"):
+        Diffusion(prediction="x0")
+
+
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_v_target_converts_back_to_x0_and_eps(steps):
+    """A perfect v model gives back the exact x0 and noise at every step of a (respaced) schedule."""
+    d = Diffusion(prediction="v").respace(steps)
+    assert d.prediction == "v"
+    g = torch.Generator().manual_seed(0)
+    for i in (0, len(d) // 2, len(d) - 1):
+        x0 = torch.randn(4, 6, generator=g, dtype=torch.float64)
+        noise = torch.randn(4, 6, generator=g, dtype=torch.float64)
+        t = torch.full((4,), i)
+        xt, v = d.q_sample(x0, t, noise), d.target(x0, t, noise)
+        ac = float(d.alphas_cumprod[i])
+        torch.testing.assert_close(v, ac ** 0.5 * noise - (1 - ac) ** 0.5 * x0)
+        torch.testing.assert_close(d.predict_x0(xt, i, v), x0)
+        torch.testing.assert_close(d.predict_eps(xt, i, v), noise)
+
+
+def test_v_and_eps_models_take_the_same_steps():
+    """DDPM and DDIM updates depend only on what the output implies, not on its parameterisation."""
+    de, dv = Diffusion().respace(20), Diffusion(prediction="v").respace(20)
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 8, generator=g, dtype=torch.float64), torch.randn(2, 8, generator=g, dtype=torch.float64)
+    z = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    for i in (0, 7, 19):
+        t = torch.full((2,), i)
+        xt = de.q_sample(x0, t, eps)
+        v = dv.target(x0, t, eps)
+        torch.testing.assert_close(dv.ddpm_step(xt, i, v, z), de.ddpm_step(xt, i, eps, z))
+        torch.testing.assert_close(dv.ddim_step(xt, i, v, z, eta=0.5), de.ddim_step(xt, i, eps, z, eta=0.5))
+    assert torch.equal(de.target(x0, torch.full((2,), 3), eps), eps)  # eps models regress the noise itself

@@ -272,6 +272,15 @@ def test_config_rejects_bad_values():
         ModelConfig(hidden_size=100, num_heads=6)
     with pytest.raises(ValueError):
         ModelConfig.from_preset("XXL")
+    with pytest.raises(ValueError, match="prediction type"):
+        ModelConfig(prediction="x0")
+
+
+def test_config_prediction_defaults_to_eps_for_older_checkpoints():
+    d = ModelConfig(prediction="v").to_dict()
+    assert ModelConfig.from_dict(d).prediction == "v"
+    del d["prediction"]  # configs written before v-prediction existed
+    assert ModelConfig.from_dict(d).prediction == "eps"
 
 
 # ---- KV cache ------------------------------------------------------------------------------------

@@ -29,25 +29,30 @@ L = 16  # 8x8 images, patch 2
 ORDER_CASES = ["random", "raster", "block", "dilated", [int(v) for v in torch.randperm(L, generator=torch.Generator().manual_seed(5))]]
 
 
-@pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is faster and kinder to a shared machine
+def fit_toy(prediction: str = "eps", iters: int = 300) -> tuple[CausalFusion, torch.Tensor]:
+    """A depth-2 model fitted to 5 noisy class prototypes -> (model in eval mode, prototypes [5, 1, 8, 8])."""
     torch.manual_seed(0)
-    m = CausalFusion(tiny_config(in_channels=1)).train()
+    m = CausalFusion(tiny_config(in_channels=1, prediction=prediction)).train()
     g = torch.Generator().manual_seed(0)
     k = m.cfg.num_classes
     protos = torch.randn(k, 1, 8, 8, generator=g).clamp(-1, 1)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    diffusion, plan = Diffusion(), ARPlanConfig(gamma=0.9)
-    for _ in range(300):
+    diffusion, plan = Diffusion(prediction=prediction), ARPlanConfig(gamma=0.9)
+    for _ in range(iters):
         y = torch.randint(0, k, (16,), generator=g)
         x0 = (protos[y] + 0.1 * torch.randn(16, 1, 8, 8, generator=g)).clamp(-1, 1)
         loss, _ = causalfusion_loss(m, diffusion, x0, drop_labels(y, 0.1, k, g), plan, g)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    yield m.eval()
+    return m.eval(), protos
+
+
+@pytest.fixture(scope="module")
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is faster and kinder to a shared machine
+    yield fit_toy()[0]
     torch.set_num_threads(threads)
 
 
@@ -117,6 +122,26 @@ def test_s1_equals_one_step_sampler(model, cfg, interval, order):
         out = sample(model, LABELS, ar_steps=1, order=order, steps=8, cfg=cfg, cfg_interval=interval,
                      seed=4, first_index=3, cache=cache)
         assert max_diff(out, ref) <= TOL
+
+
+def test_sampler_follows_the_models_prediction_type():
+    """A v model samples near its class prototypes with every S, cached or not; read as an eps
+    model (the wrong conversion) the same weights give samples far from them."""
+    m, protos = fit_toy("v", iters=400)
+    labels = torch.tensor([0, 1, 2, 3, 4])
+
+    def nearest_ok(x):
+        d = ((x[:, None] - protos[None]) ** 2).flatten(2).mean(-1)  # [B, K]
+        return float((d.argmin(1) == labels).float().mean()), float(d[torch.arange(5), labels].mean())
+
+    for S in (1, 4):
+        a = sample(m, labels, ar_steps=S, steps=20, seed=0)
+        assert max_diff(a, sample(m, labels, ar_steps=S, steps=20, seed=0, cache=False)) <= TOL
+        hit, dist = nearest_ok(a)
+        assert hit == 1.0 and dist < 0.3, (S, hit, dist)  # other prototypes are ~1.0 away
+    m.cfg.prediction = "eps"
+    _, wrong = nearest_ok(sample(m, labels, steps=20, seed=0))
+    assert wrong > 1.0
 
 
 # ---- determinism -------------------------------------------------------------------------------

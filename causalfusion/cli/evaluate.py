@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..ar_plan import ORDERS
+from ..diffusion import PREDICTIONS
 from .common import ints
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -35,6 +36,8 @@ def cmd_ablate(a: argparse.Namespace) -> None:
         return run_from_args(a, "causalfusion " + shlex.join(a.argv))
     from ..ablation import AblationSettings, run_suite
 
+    if a.prediction is not None:
+        raise ValueError(f"--prediction applies to the multimodal suite only; the {a.suite} suite trains eps models as the paper does")
     st = AblationSettings(data=a.data, seed=a.seed, steps=a.steps, budget=a.budget, batch_size=a.batch_size, lr=a.lr,
                           depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads, eval_n=a.eval_n,
                           eval_steps=a.eval_steps, precision=a.precision, inception=a.inception, ref=a.ref,
@@ -97,6 +100,8 @@ def add_parser(sub) -> None:
     b.add_argument("--depth", type=int, default=4)
     b.add_argument("--hidden-size", type=int, default=128)
     b.add_argument("--num-heads", type=int, default=4)
+    b.add_argument("--prediction", default=None, choices=PREDICTIONS,
+                   help="multimodal suite only: eps or v (default v; the class-conditional suites use eps, as the paper)")
     b.add_argument("--eval-n", type=int, default=500, help="samples per S_eval")
     b.add_argument("--eval-steps", type=int, default=50, help="DDPM steps per AR step")
     b.add_argument("--s-eval", default=None, help="S_eval values (default: the suite's, e.g. 1,2,4,8)")

@@ -16,6 +16,7 @@ import torch
 
 from ..ar_plan import ORDERS, ARPlanConfig
 from ..checkpoint import read_config
+from ..diffusion import PREDICTIONS
 from ..models import PRESETS, ModelConfig
 from ..multimodal.objective import MixConfig
 
@@ -30,6 +31,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--prediction", default="eps", choices=PREDICTIONS,
+                   help="eps (paper) or v; v is what makes 16-px pixel-space shapes train in minutes")
     p.add_argument("--max-text-len", type=int, default=35, help="text slot T incl. <bos>/<eos> (paper: 35)")
     p.add_argument("--tie-head", action="store_true", help="tie the LM head to the token embedding")
     p.add_argument("--transfusion", action="store_true",
@@ -65,7 +68,8 @@ def configs_from_args(a: argparse.Namespace):
     from ..multimodal.train import MMTrainConfig
 
     size = {k: v for k, v in dict(depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads).items() if v}
-    mc = ModelConfig.from_preset(a.preset, **{**MM_MODEL, "patch_size": a.patch_size, "image_size": a.image_size, **size})
+    mc = ModelConfig.from_preset(a.preset, **{**MM_MODEL, "patch_size": a.patch_size, "image_size": a.image_size,
+                                               "prediction": a.prediction, **size})
     text = dict(max_text_len=a.max_text_len, tie_head=a.tie_head, transfusion=a.transfusion)
     plan = ARPlanConfig(gamma=a.gamma, order=a.order, lam=a.lam)
     mix = MixConfig(a.image_first_prob, a.text_weight)

@@ -7,11 +7,13 @@ from dataclasses import fields
 from ..ar_plan import ORDERS, WEIGHTINGS, ARPlanConfig
 from ..checkpoint import read_config
 from ..configs import add_scale_args
+from ..diffusion import PREDICTIONS
 from ..models import PRESETS, ModelConfig
 from ..trainer import TrainConfig, param_count_str
 from .common import ints
 
-MODEL_ARGS = ("patch_size", "class_tokens", "class_repeat", "learn_pos", "image_size", "depth", "hidden_size", "num_heads")
+MODEL_ARGS = ("patch_size", "class_tokens", "class_repeat", "learn_pos", "image_size", "depth", "hidden_size", "num_heads",
+              "prediction")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +31,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-tokens", type=int, default=None)
     p.add_argument("--class-repeat", type=int, default=None)
     p.add_argument("--learn-pos", action="store_true", default=None, help="learnable positional embedding")
+    p.add_argument("--prediction", default=None, choices=PREDICTIONS,
+                   help="what the model predicts: eps (paper, default) or v (helps small pixel images)")
     p.add_argument("--gamma", type=float, default=0.9, help="P(S) ∝ gamma^(S-1); 1 = uniform, 0 = In-context DiT")
     p.add_argument("--ar-steps", type=int, default=0, help="fixed number of AR steps with equal groups (Tab. 2)")
     p.add_argument("--order", default="random", choices=ORDERS)

@@ -38,6 +38,7 @@ class MMSuiteSettings:
     hidden_size: int = 128
     num_heads: int = 4
     patch_size: int = 4
+    prediction: str = "v"  # eps (the paper's) leaves 16-px pixel T2I at chance in this budget (docs/multimodal.md)
     max_text_len: int = 20  # shapes captions are <= 18 BPE tokens + <bos>/<eos>; the paper's 35 would be pads
     gamma: float = 0.9
     image_first_prob: float = 0.1
@@ -58,7 +59,7 @@ def _train(st: MMSuiteSettings, out: Path, transfusion: bool, log) -> None:
     if done >= st.steps:
         return
     mc = ModelConfig(image_size=16, in_channels=3, patch_size=st.patch_size, depth=st.depth, hidden_size=st.hidden_size,
-                     num_heads=st.num_heads, num_classes=0, class_tokens=1)
+                     num_heads=st.num_heads, num_classes=0, class_tokens=1, prediction=st.prediction)
     tc = MMTrainConfig(data="shapes", out=str(out), steps=st.steps, batch_size=st.batch_size, lr=st.lr,
                        warmup=min(100, st.steps // 10), precision=st.precision, seed=st.seed,
                        ckpt_every=max(100, st.steps // 5), progress=st.progress)
@@ -164,7 +165,7 @@ def _markdown(st: MMSuiteSettings, res: dict, caps: dict, truths: list[str], png
         f"Command: `{command}`", "",
         f"Both runs: {st.depth} layers x {st.hidden_size} wide x {st.num_heads} heads, 16x16 RGB images in "
         f"{st.patch_size}x{st.patch_size} patches (16 tokens), text slot {st.max_text_len}, BPE trained on the captions; "
-        f"{st.steps} steps of batch {st.batch_size}, lr {st.lr}, {st.precision}, seed {st.seed}; gamma {st.gamma}; "
+        f"{st.prediction}-prediction; {st.steps} steps of batch {st.batch_size}, lr {st.lr}, {st.precision}, seed {st.seed}; gamma {st.gamma}; "
         f"{100 * st.image_first_prob:.0f}% image-first sequences, text loss weight {st.text_weight}. "
         f"The only difference: Transfusion's captions attend to the noisy image tokens. "
         f"Evaluation: {st.eval_n} images per split, T2I with CFG {st.cfg}, S=1, {st.eval_steps} DDPM steps; "
@@ -235,6 +236,8 @@ def run_from_args(a, command: str) -> Path:
     st = MMSuiteSettings(batch_size=a.batch_size, lr=a.lr, precision=a.precision, depth=a.depth,
                          hidden_size=a.hidden_size, num_heads=a.num_heads, seed=a.seed, eval_n=a.eval_n,
                          eval_steps=a.eval_steps, progress=a.progress)
+    if a.prediction is not None:
+        st.prediction = a.prediction
     if a.data != "digits" and a.data != "shapes":  # "digits" is the shared default flag value
         raise ValueError(f"the multimodal suite trains on the built-in captioned 'shapes' data, not {a.data!r}")
     if a.steps is not None:

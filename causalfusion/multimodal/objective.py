@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ar_plan import ARPlanConfig, sample_plan
-from ..diffusion import Diffusion, epsilon_loss
+from ..diffusion import Diffusion, denoising_loss
 from .model import MultimodalCausalFusion
 
 
@@ -59,10 +59,10 @@ def _image_branch(model: MultimodalCausalFusion, diffusion: Diffusion, x0: torch
     noise = torch.randn(x0_tok.shape, generator=generator).to(device)
     xt_tok = diffusion.q_sample(x0_tok, t, noise)
     if image_first:
-        eps, logits = model.forward_image_first(ids, x0_tok, xt_tok, t, plan.group_sizes, order)
+        out, logits = model.forward_image_first(ids, x0_tok, xt_tok, t, plan.group_sizes, order)
     else:
-        eps, logits = model.forward_text_first(ids, x0_tok, xt_tok, t, plan.group_sizes, order), None
-    return epsilon_loss(eps, noise, plan.weights.to(device)), logits
+        out, logits = model.forward_text_first(ids, x0_tok, xt_tok, t, plan.group_sizes, order), None
+    return denoising_loss(out, diffusion.target(x0_tok, t, noise), plan.weights.to(device)), logits
 
 
 def multimodal_loss(model: MultimodalCausalFusion, diffusion: Diffusion, x0: torch.Tensor, ids: torch.Tensor,

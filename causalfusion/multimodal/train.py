@@ -90,7 +90,7 @@ class MMTrainer:
         self.model = MultimodalCausalFusion(self.model_cfg, self.text_cfg).to(c.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = adamw(self.model.parameters(), c.lr)
-        self.diffusion = Diffusion()
+        self.diffusion = Diffusion(prediction=self.model_cfg.prediction)
         self.gen = torch.Generator().manual_seed(c.seed)
         ids, lens = self.tokenizer.batch(d.all_captions(), self.text_cfg.max_text_len)
         self.stream = CaptionStream(d, ids, lens, c.batch_size, self.gen)
