@@ -8,7 +8,11 @@ a quarter of the tokens against the cached prefix. Each configuration is timed -
 interleaved, and the fastest run is kept (other jobs on the machine only ever add time). Prints one
 Markdown table.
 
-    python benchmarks/sampling.py [--batch 4] [--steps 20] [--tokens 64,256] [--preset S] [--threads N]
+    python benchmarks/sampling.py [--batch 16] [--steps 20] [--tokens 64,256] [--preset S] [--threads N]
+
+The batch matters on a CPU: S=4 splits every model call into four calls on a quarter of the rows,
+and at batch 4 x 16 tokens the matmuls are too small to run at full speed (see docs/sampling.md
+for both batch sizes).
 
 On a CPU shared with other jobs, use --threads 1: oversubscribed OpenMP threads make the many
 small model calls of large S erratic (10-30x slower), which measures the machine, not the sampler.
@@ -35,7 +39,7 @@ def timed(model, labels, **kw) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="S")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="diffusion steps per AR step")
     p.add_argument("--tokens", default="64,256")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest is kept")

@@ -18,7 +18,7 @@ TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--max-text-l
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mm") / "run"
-    assert main(["train-mm", "--data", "shapes:train:64", "--out", str(out), "--steps", "6", *TINY]) == 0
+    assert main(["train-mm", "--data", "shapes:train:64", "--out", str(out), "--steps", "6", "--prediction", "v", *TINY]) == 0
     return out
 
 
@@ -31,6 +31,7 @@ def _one_line_error(capsys, argv: list[str], match: str) -> None:
 def test_train_resume_t2i_caption_eval(run, tmp_path, capsys):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["kind"] == "multimodal" and (run / "tokenizer.json").is_file()
+    assert cfg["model"]["prediction"] == "v"  # --prediction v reaches the config the samplers read
     assert main(["train-mm", "--out", str(run), "--resume", "--steps", "8", "--no-progress"]) == 0
     assert json.loads((run / "state.json").read_text())["step"] == 8
     grid = tmp_path / "grid.png"
@@ -45,11 +46,11 @@ def test_train_resume_t2i_caption_eval(run, tmp_path, capsys):
         save_png(to_uint8(images[i:i + 1])[0], tmp_path / f"{i}.png")
     assert main(["caption", "--ckpt", str(run), *paths, "--temperature", "0.8", "--top-k", "5"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
-    assert main(["eval-mm", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
+    assert main(["eval-mm", "--ckpt", str(run), "--n", "4", "--steps", "2", "--ar-steps", "4"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert {"t2i_exact", "caption_exact", "cider", "chance_exact"} <= set(metrics)
     model, tok = load_multimodal(run)
-    assert model.text_cfg.vocab_size == tok.vocab_size
+    assert model.text_cfg.vocab_size == tok.vocab_size and model.cfg.prediction == "v"
 
 
 def test_bad_inputs_one_line(run, tmp_path, capsys):
@@ -78,6 +79,8 @@ def test_ablate_suite_hook_and_report(tmp_path, capsys):
 
     _one_line_error(capsys, ["ablate", "--suite", "multimodal", "--data", "folder:x", "--steps", "1",
                              "--out", str(tmp_path)], "shapes")
+    _one_line_error(capsys, ["ablate", "--suite", "order", "--prediction", "v", "--steps", "1",
+                             "--out", str(tmp_path)], "multimodal suite only")
     (tmp_path / "log.csv").write_text("step,loss,image_loss,text_loss,grad_norm,it_per_s\n"
                                       "25,1,0.9,5,1,2.5\n50,1,0.8,4,1,5.0\n")
     steps, img, txt, secs = _log(tmp_path)
@@ -88,3 +91,4 @@ def test_ablate_suite_hook_and_report(tmp_path, capsys):
     md = _markdown(MMSuiteSettings(), {"CausalFusion": row, "Transfusion": row},
                    {"CausalFusion": ["a | b"], "Transfusion": [""]}, ["truth"], "x.png", "cmd", 1.0)
     assert "| CausalFusion | 50.0 / 50.0 |" in md and "a \\| b" in md and "(empty)" in md
+    assert "v-prediction" in md  # the suite's default, and the report says so

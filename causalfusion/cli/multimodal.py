@@ -161,7 +161,8 @@ def cmd_eval_mm(a: argparse.Namespace) -> None:
 
     model, tok = load_multimodal(a.ckpt)
     ext = ShapesExtractor(model.cfg.image_size) if a.fid else None
-    metrics, _, _ = evaluate_model(model, tok, a.split, a.n, cfg=a.cfg, steps=a.steps, seed=a.seed, extractor=ext)
+    metrics, _, _ = evaluate_model(model, tok, a.split, a.n, cfg=a.cfg, steps=a.steps, ar_steps=a.ar_steps,
+                                     seed=a.seed, extractor=ext)
     print(json.dumps(metrics, indent=2))
 
 
@@ -202,7 +203,8 @@ def add_commands(sub) -> None:
     e.add_argument("--split", default="test", choices=["test", "heldout", "train"])
     e.add_argument("--n", type=int, default=256)
     e.add_argument("--cfg", type=float, default=3.0)
-    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--steps", type=int, default=50, help="diffusion steps per AR step")
+    e.add_argument("--ar-steps", type=int, default=None, help="S AR steps for the T2I samples (default 1)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--fid", action="store_true", help="also FID (trains/caches the small feature CNN once)")
     e.set_defaults(func=cmd_eval_mm)

@@ -32,7 +32,7 @@ class _TextConditioned:
         self.model, self.ids, self.text_len = model, ids, model.text_len
         self.cfg = SimpleNamespace(num_classes=1, num_cond=model.text_len, num_tokens=c.num_tokens, depth=c.depth,
                                    grid=c.grid, in_channels=c.in_channels, image_size=c.image_size,
-                                   patch_dim=c.patch_dim)
+                                   patch_dim=c.patch_dim, prediction=c.prediction)
         self.sees_text: torch.Tensor | None = None  # [rows] bool, False for the null (text-free) rows
         bb = model.backbone
         self.embed_tokens, self.output, self.patchify, self.unpatchify = (
