@@ -89,6 +89,7 @@ def test_ablate_suite_hook_and_report(tmp_path, capsys):
             "chance_exact", "shuffled/t2i_exact", "shuffled/t2i_object", "shuffled/t2i_colour_pos"]
     row = {f"{s}/{k}": 0.5 for s in ("test", "heldout") for k in keys} | {"train_s": 60.0}
     md = _markdown(MMSuiteSettings(), {"CausalFusion": row, "Transfusion": row},
-                   {"CausalFusion": ["a | b"], "Transfusion": [""]}, ["truth"], "x.png", "cmd", 1.0)
+                   {"CausalFusion": ["a | b"], "Transfusion": [""]}, ["truth"], "x.png", "cmd", (40.0, 3.0))
     assert "| CausalFusion | 50.0 / 50.0 |" in md and "a \\| b" in md and "(empty)" in md
     assert "v-prediction" in md  # the suite's default, and the report says so
+    assert "score 40.00" in md and "perfect text-to-image model) 3.00" in md

@@ -116,7 +116,7 @@ def run_suite(out_dir: str | Path, report: str | Path, settings: MMSuiteSettings
     """Train both runs, evaluate them, write ``report`` (Markdown) and ``multimodal.png`` beside it."""
     from .evaluate import ShapesExtractor, evaluate_model
     from .generate import caption, text_to_image
-    from .shapes import make_shapes
+    from .shapes import make_shapes, redraw
     from .train import load_multimodal
 
     st = settings or MMSuiteSettings()
@@ -126,8 +126,11 @@ def run_suite(out_dir: str | Path, report: str | Path, settings: MMSuiteSettings
     images, truths, _ = make_shapes("test", 6, 16, seed=0)
     from .evaluate import fid
 
-    # the floor FID can reach at this sample size: real test images vs as many real training images
-    floor = fid(make_shapes("test", st.eval_n, 16)[0], make_shapes("train", st.eval_n, 16)[0], extractor)
+    # FID references at this sample size: test images vs independent training images, and vs the
+    # test images' own objects re-drawn (generated images follow the test prompts, so are paired too)
+    test_images, _, test_objs = make_shapes("test", st.eval_n, 16)
+    floor = (fid(test_images, make_shapes("train", st.eval_n, 16)[0], extractor),
+             fid(test_images, redraw(test_objs, 16), extractor))
     for name, transfusion in RUNS:
         run = out_dir / name.lower()
         _train(st, run, transfusion, log)
@@ -155,7 +158,7 @@ def run_suite(out_dir: str | Path, report: str | Path, settings: MMSuiteSettings
 
 
 def _markdown(st: MMSuiteSettings, res: dict, caps: dict, truths: list[str], png: str, command: str,
-              fid_floor: float) -> str:
+              fid_floor: tuple[float, float]) -> str:
     def f(name, key, pct=True):
         v = res[name][key]
         return f"{100 * v:.1f}" if pct else f"{v:.2f}"
@@ -198,8 +201,11 @@ def _markdown(st: MMSuiteSettings, res: dict, caps: dict, truths: list[str], png
         f"Chance for the exact accuracies (a guesser that knows the object count): "
         f"{100 * first['test/chance_exact']:.2f}% (test), {100 * first['heldout/chance_exact']:.2f}% (held-out). "
         f"CIDEr is pycocoevalcap's CIDEr-D (x1; the paper's 47.9 is x100 on COCO), references = the 5 paraphrases. "
-        f"FID is on the 64-d features of the small shapes CNN with {st.eval_n} samples; real test images vs as many "
-        f"real training images score {fid_floor:.2f} (the floor at this sample size).", "",
+        f"FID is on the 64-d features of the small shapes CNN with {st.eval_n} samples, generated from the test "
+        f"(held-out) images' captions and compared with those images. References: the test images vs as many "
+        f"independent training images score {fid_floor[0]:.2f}; vs their own objects re-drawn with new jitter (a "
+        f"perfect text-to-image model) {fid_floor[1]:.2f}. Generated sets are paired with their references in the "
+        f"same way, so the second is the floor to compare with.", "",
         f"![T2I samples and losses]({png})", "",
         "Greedy captions of the first test images:", "",
         "| truth (one paraphrase) | " + " | ".join(caps) + " |", "|---|" + "---|" * len(caps),

@@ -106,6 +106,13 @@ def make_shapes(split: str = "train", n: int = 4096, size: int = 16, seed: int =
     return torch.from_numpy(images) * 2 - 1, caps, objs
 
 
+def redraw(objs: list[list[Obj]], size: int = 16, seed: int = 1) -> torch.Tensor:
+    """The same objects drawn again with fresh jitter -> images [N, 3, size, size] in [-1, 1]: what
+    a perfect text-to-image model would produce from these images' captions."""
+    out = np.stack([draw(o, size, np.random.default_rng([seed, 99, i])) for i, o in enumerate(objs)])
+    return torch.from_numpy(out).float() * 2 - 1
+
+
 # ---- checking -----------------------------------------------------------------------------------
 _COLOUR_RE = "|".join(COLOURS)
 _OBJ_RE = re.compile(rf"\b({_COLOUR_RE})\s+({'|'.join(SHAPES)})\b")
