@@ -318,19 +318,20 @@ def sample(
             rows = 2 * b if guide else b
             t_in = torch.full((rows, 1), t, device=device)  # one embedding per row, broadcast over tokens
             if guide:
-                eps_c, eps_u = runner.eps(torch.cat([xs, xs]), torch.cat([pos, pos]), t_in).float().chunk(2)
-                eps = eps_u + cfg * (eps_c - eps_u)
+                # the model's output (eps, or v): guidance is linear, so it applies to either
+                out_c, out_u = runner.eps(torch.cat([xs, xs]), torch.cat([pos, pos]), t_in).float().chunk(2)
+                out = out_u + cfg * (out_c - out_u)
             else:
-                eps = runner.eps(xs, pos, t_in).float()
+                out = runner.eps(xs, pos, t_in).float()
             if path is not None and path.wants(s, len(sizes), i, len(diffusion)):
-                x0 = diffusion.predict_x0(xs, i, eps)
+                x0 = diffusion.predict_x0(xs, i, out)
                 _record(path, model, x, start, stop, x0 if path.show == "x0" else xs, order, s, len(sizes), i)
             need_noise = i > 0 and (sampler == "ddpm" or eta > 0)
             noise = _noise_tokens(model, gens, order_idx)[:, start:stop] if need_noise else torch.zeros_like(xs)
             if sampler == "ddpm":
-                xs = diffusion.ddpm_step(xs, i, eps, noise)
+                xs = diffusion.ddpm_step(xs, i, out, noise)
             else:
-                xs = diffusion.ddim_step(xs, i, eps, noise, eta)
+                xs = diffusion.ddim_step(xs, i, out, noise, eta)
             bar.update(1)
         x[:, start:stop] = xs
         if s < len(sizes) - 1:  # the last group's clean tokens are never looked at
