@@ -9,6 +9,12 @@ interleaved, and the fastest run is kept (other jobs on the machine only ever ad
 Markdown table.
 
     python benchmarks/sampling.py [--batch 16] [--steps 20] [--tokens 64,256] [--preset S] [--threads N]
+                                  [--ar-steps 1,2,4,8,L] [--no-cache-at 4]
+
+``--ar-steps`` picks the columns (S=1 is always timed: it is the unit), ``--no-cache-at`` the S
+whose uncached reference is timed (0: none). The paper samples with 250 DDPM steps per AR step;
+the default of 20 keeps the full table under half an hour, and makes the S-1 commit passes of
+S > 1 weigh 12.5x more than at 250 (they are (S-1)/(S*T) of the linear work).
 
 The batch matters on a CPU: S=4 splits every model call into four calls on a quarter of the rows,
 and at batch 4 x 16 tokens the matmuls are too small to run at full speed (see docs/sampling.md
@@ -44,6 +50,8 @@ def main() -> None:
     p.add_argument("--tokens", default="64,256")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest is kept")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--ar-steps", default="1,2,4,8,L", help="AR step counts to time (L: one token per step)")
+    p.add_argument("--no-cache-at", type=int, default=4, help="S of the uncached reference (0: skip it)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -58,22 +66,40 @@ def main() -> None:
         labels = torch.arange(a.batch) % cfg.num_classes
         kw = dict(steps=a.steps, order="random", seed=0)
         timed(model, labels, **{**kw, "steps": 2})  # warm-up
-        configs = [(f"S={s}", dict(ar_steps=s)) for s in (1, 2, 4, 8, num_tokens)]
-        configs.append(("S=4 no cache", dict(ar_steps=4, cache=False)))
+        columns = parse_ar_steps(a.ar_steps, num_tokens)
+        configs = [(f"S={s}", dict(ar_steps=s)) for s in [1] + columns]
+        if a.no_cache_at:
+            configs.append(("no cache", dict(ar_steps=a.no_cache_at, cache=False)))
+            if f"S={a.no_cache_at}" not in dict(configs):
+                configs.insert(-1, (f"S={a.no_cache_at}", dict(ar_steps=a.no_cache_at)))
         best = {name: float("inf") for name, _ in configs}
         for r in range(a.repeats):
             for name, extra in configs:
                 best[name] = min(best[name], timed(model, labels, **kw, **extra))
             print(f"  {num_tokens} tokens, round {r + 1}: " + ", ".join(f"{n} {v:.2f}s" for n, v in best.items()), flush=True)
-        t = {s: best[f"S={s}"] for s in (1, 2, 4, 8, num_tokens)}
-        t_nc = best["S=4 no cache"]
-        rows.append((num_tokens, t, t_nc))
+        rows.append((num_tokens, [best[f"S={s}"] / best["S=1"] for s in columns], best))
     print()
-    print("| tokens | S=1 (cache) | S=2 | S=4 | S=8 | S=L | S=4 no cache / S=4 cache |")
-    print("|---|---|---|---|---|---|---|")
-    for num_tokens, t, t_nc in rows:
-        rel = " | ".join(f"{t[s] / t[1]:.2f}x" for s in (2, 4, 8, num_tokens))
-        print(f"| {num_tokens} | {t[1]:.1f} s | {rel} | {t_nc / t[4]:.2f}x |")
+    names = [v.replace("L", "S=L") if v == "L" else f"S={v}" for v in a.ar_steps.split(",") if v != "1"]
+    nc = [f"S={a.no_cache_at} no cache / S={a.no_cache_at} cache"] if a.no_cache_at else []
+    print("| " + " | ".join(["tokens", "S=1 (cache)"] + names + nc) + " |")
+    print("|" + "---|" * (2 + len(names) + len(nc)))
+    for num_tokens, rel, best in rows:
+        cells = [str(num_tokens), f"{best['S=1']:.1f} s"] + [f"{r:.2f}x" for r in rel]
+        if a.no_cache_at:
+            cells.append(f"{best['no cache'] / best[f'S={a.no_cache_at}']:.2f}x")
+        print("| " + " | ".join(cells) + " |")
+
+
+def parse_ar_steps(text: str, num_tokens: int) -> list[int]:
+    """'1,2,4,8,L' -> [2, 4, 8, num_tokens] (S=1 is the unit, always timed)."""
+    out = []
+    for v in text.split(","):
+        s = num_tokens if v.strip() == "L" else int(v)
+        if not 1 <= s <= num_tokens:
+            raise SystemExit(f"error: AR steps must be in 1..{num_tokens} or L, got {v}")
+        if s != 1:
+            out.append(s)
+    return out
 
 
 if __name__ == "__main__":

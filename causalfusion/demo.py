@@ -12,7 +12,7 @@ from .ar_plan import ARPlanConfig
 from .digits_check import class_agreement
 from .images import save_grid
 from .models import ModelConfig
-from .sampling import sample_one_step
+from .one_step_sampler import sample_one_step
 from .trainer import TrainConfig, Trainer
 
 # The demo model: 16 tokens of 2x2 pixels, 4 class tokens, paper defaults for the AR plan.

@@ -288,7 +288,7 @@ class DistributedTrainer(Trainer):
         barrier()
 
     def sample_grid(self, path=None, steps: int | None = None):
-        from .sampling import sample_one_step
+        from .one_step_sampler import sample_one_step
 
         _, ema_state, _ = self._full_states(with_optimizer=False)
         if self.is_main:

@@ -30,6 +30,7 @@ def causalfusion_loss(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, ARPlan]:
     """Scalar loss for clean images x0 [B, C, H, W] and (already label-dropped) classes y [B]."""
+    diffusion.check_model(model.cfg.prediction)
     b, device = x0.shape[0], x0.device
     plan = sample_plan(plan_cfg, b, model.cfg.grid, diffusion.num_timesteps, generator)
     k, num_tokens, p = plan_cfg.t_copies, model.cfg.num_tokens, model.cfg.patch_dim

@@ -7,8 +7,8 @@ key/value cache. S=1 is plain diffusion (the In-context DiT mode of the paper's 
 S=L is token-by-token AR; any group sizes and any token order work in between.
 
 * ``sample`` is the general sampler (DDPM ancestral with the fixed large variance, as in the
-  release, or DDIM with η); ``sample_one_step`` is the original S=1 sampler, kept as the
-  reference the general one must reproduce at S=1.
+  release, or DDIM with η); ``one_step_sampler.sample_one_step`` is the original S=1 sampler, kept
+  as the reference the general one must reproduce at S=1.
 * With ``cache=True`` the keys/values of the condition tokens and of every finished group are
   computed once (``KVCache``, preallocated for C + L tokens) and each diffusion step processes
   only the current group. ``cache=False`` is the reference: at every diffusion step it runs the
@@ -375,52 +375,3 @@ def _record(path, model, x, start, stop, current, order, s, num_ar_steps, i) -> 
     pending[:, stop:] = 1.0
     pixels = tokens_to_images(model, pending, order)[:, :1] > 0.5
     path.add(tokens_to_images(model, tokens, order), pixels, s, num_ar_steps, i)
-
-
-# ---- the original S=1 sampler (the reference ``sample`` must match at S=1) ----------------------
-def guided_eps(eps_fn, x: torch.Tensor, t: int, y: torch.Tensor, null: int, scale: float,
-               interval: tuple[float, float]) -> torch.Tensor:
-    """eps for x at original timestep t, with classifier-free guidance when t is in [lo, hi).
-
-    ``eps_fn(x, t_batch, y)`` is the model call. Outside the interval (or with scale 1) the null
-    pass is skipped: the guided value would equal the conditional one anyway.
-    """
-    b = x.shape[0]
-    guide = scale != 1.0 and interval[0] <= t < interval[1]
-    if not guide:
-        return eps_fn(x, torch.full((b,), t, device=x.device), y)
-    y2 = torch.cat([y, torch.full_like(y, null)])
-    eps = eps_fn(torch.cat([x, x]), torch.full((2 * b,), t, device=x.device), y2)
-    cond, uncond = eps.chunk(2)
-    return uncond + scale * (cond - uncond)
-
-
-@torch.no_grad()
-def sample_one_step(
-    model: CausalFusion,
-    labels: torch.Tensor,
-    steps: int = 250,
-    cfg: float = 1.0,
-    cfg_interval: tuple[float, float] = (0, 1000),
-    seed: int = 0,
-    first_index: int = 0,
-    progress: bool = False,
-) -> torch.Tensor:
-    """S=1 DDPM sampling. labels [B] (num_classes = unconditional) -> images [B, C, H, W] in model space.
-
-    ``first_index`` is the global index of the first sample (for per-sample seeding across batches).
-    """
-    check_cfg(cfg, cfg_interval)
-    c = model.cfg
-    check_labels(labels, c.num_classes)
-    device = next(model.parameters()).device
-    diffusion = Diffusion(prediction=c.prediction).respace(steps)
-    gens = sample_generators(seed, range(first_index, first_index + len(labels)))
-    shape = (c.in_channels, c.image_size, c.image_size)
-    x = per_sample_randn(gens, shape, device)
-    y = labels.to(device)
-    for i in tqdm(range(len(diffusion) - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
-        t = int(diffusion.timesteps[i])
-        eps = guided_eps(model.predict_eps, x, t, y, c.num_classes, cfg, cfg_interval)
-        x = diffusion.ddpm_step(x, i, eps.float(), per_sample_randn(gens, shape, device))
-    return x

@@ -22,7 +22,7 @@ from .diffusion import Diffusion
 from .images import save_grid
 from .models import CausalFusion, ModelConfig
 from .objective import causalfusion_loss, drop_labels
-from .sampling import sample_one_step
+from .one_step_sampler import sample_one_step
 
 
 @dataclass

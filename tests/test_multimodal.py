@@ -168,6 +168,8 @@ def test_split_and_weights(tok):
         loss, st = multimodal_loss(m, Diffusion(), x, ids, lens, plan, MixConfig(p, w), torch.Generator().manual_seed(1))
         text = 0.0 if p == 0 else st["text_loss"]
         assert (st["image_first"] == 0) == (p == 0) and loss.item() == pytest.approx(st["image_loss"] + w * text, rel=1e-5)
+    with pytest.raises(ValueError, match="predicts v but this Diffusion is built for eps"):
+        multimodal_loss(tiny(tok, prediction="v"), Diffusion(), x, ids, lens, plan, MixConfig(0.5, 1.0))
     # text CE ignores everything after <eos>: changing the pad logits changes nothing
     logits = torch.randn(3, 20, tok.vocab_size)
     base = text_loss(logits, ids[:3], lens[:3])

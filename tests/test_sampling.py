@@ -21,7 +21,8 @@ from causalfusion.generation_path import GenerationPath
 from causalfusion.kv_cache import KVCache
 from causalfusion.models import CausalFusion
 from causalfusion.objective import causalfusion_loss, drop_labels
-from causalfusion.sampling import resolve_groups, resolve_order, sample, sample_one_step
+from causalfusion.one_step_sampler import sample_one_step
+from causalfusion.sampling import resolve_groups, resolve_order, sample
 from conftest import tiny_config
 
 TOL = 1e-4

@@ -163,3 +163,15 @@ def test_empty_folder_is_refused(tmp_path):
     (tmp_path / "a" / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match="no images found"):
         load_dataset(f"folder:{tmp_path}", image_size=8)
+
+
+@pytest.mark.parametrize("model_pred, diffusion_pred", [("v", "eps"), ("eps", "v")])
+def test_loss_refuses_a_diffusion_of_the_other_parameterisation(model_pred, diffusion_pred):
+    """A v model regressed on eps targets (or the reverse) would train without error and sample
+    garbage: the loss refuses the pair."""
+    model = CausalFusion(digits_model(prediction=model_pred))
+    x0, y = load_digits_split("train")
+    with pytest.raises(ValueError, match=f"predicts {model_pred} but this Diffusion is built for {diffusion_pred}"):
+        causalfusion_loss(model, Diffusion(prediction=diffusion_pred), x0[:2], y[:2], ARPlanConfig())
+    loss, _ = causalfusion_loss(model, Diffusion(prediction=model_pred), x0[:2], y[:2], ARPlanConfig())
+    assert torch.isfinite(loss)

@@ -65,6 +65,13 @@ class Diffusion:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def check_model(self, model_prediction: str) -> None:
+        """Refuse to pair this process with a model whose head means something else: a v model
+        trained or sampled with eps math fails silently, so the losses call this."""
+        if model_prediction != self.prediction:
+            raise ValueError(f"the model predicts {model_prediction} but this Diffusion is built for "
+                             f"{self.prediction}: use Diffusion(prediction=model.cfg.prediction)")
+
     def respace(self, steps: int) -> "Diffusion":
         """The same process sampled with ``steps`` evenly spaced steps (DiT/ADM respacing)."""
         return Diffusion(self.num_timesteps, self.beta_start, self.beta_end,

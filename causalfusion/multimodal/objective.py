@@ -73,6 +73,7 @@ def multimodal_loss(model: MultimodalCausalFusion, diffusion: Diffusion, x0: tor
     loss = image loss (mean over all B rows) + text_weight * caption CE (image-first rows)."""
     if plan_cfg.t_copies != 1:
         raise ValueError("the multimodal objective uses one noisy copy per image (t_copies=1)")
+    diffusion.check_model(model.cfg.prediction)
     b = x0.shape[0]
     n_if = split_rows(b, mix.image_first_prob, generator)
     n_tf = b - n_if
