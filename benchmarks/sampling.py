@@ -79,7 +79,7 @@ def main() -> None:
             print(f"  {num_tokens} tokens, round {r + 1}: " + ", ".join(f"{n} {v:.2f}s" for n, v in best.items()), flush=True)
         rows.append((num_tokens, [best[f"S={s}"] / best["S=1"] for s in columns], best))
     print()
-    names = [v.replace("L", "S=L") if v == "L" else f"S={v}" for v in a.ar_steps.split(",") if v != "1"]
+    names = [f"S={v.strip()}" for v in a.ar_steps.split(",") if v.strip() != "1"]  # L stays "S=L"
     nc = [f"S={a.no_cache_at} no cache / S={a.no_cache_at} cache"] if a.no_cache_at else []
     print("| " + " | ".join(["tokens", "S=1 (cache)"] + names + nc) + " |")
     print("|" + "---|" * (2 + len(names) + len(nc)))

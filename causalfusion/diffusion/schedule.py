@@ -67,7 +67,7 @@ class Diffusion:
 
     def check_model(self, model_prediction: str) -> None:
         """Refuse to pair this process with a model whose head means something else: a v model
-        trained or sampled with eps math fails silently, so the losses call this."""
+        trained on eps targets would fail silently, so the losses call this."""
         if model_prediction != self.prediction:
             raise ValueError(f"the model predicts {model_prediction} but this Diffusion is built for "
                              f"{self.prediction}: use Diffusion(prediction=model.cfg.prediction)")
