@@ -5,8 +5,11 @@ The `S` preset (12 layers x 384 wide, 6 heads, 4 class tokens; random weights: t
 each size, in one run: S=1, 2, 4, 8, L with the cache, and S=4 without it. Every AR step gets the
 same number of diffusion steps, as in the paper, so S=4 runs 4x as many model calls as S=1, each on
 a quarter of the tokens against the cached prefix. Each configuration is timed --repeats times,
-interleaved, and the fastest run is kept (other jobs on the machine only ever add time). Prints one
-Markdown table.
+interleaved, and the fastest run is kept (other jobs on the machine only ever add time). Under each
+time row a FLOP row gives the same ratios for the work executed (``causalfusion.flop_count``,
+counted on the real sampler, exact, and free of the machine's noise): a time ratio far from its
+FLOP ratio is the hardware (small matmuls, per-call overhead), not the method. Prints one Markdown
+table; ``--repeats 0`` prints only the FLOP rows (seconds, whatever --steps).
 
     python benchmarks/sampling.py [--batch 16] [--steps 20] [--tokens 64,256] [--preset S] [--threads N]
                                   [--ar-steps 1,2,4,8,L] [--no-cache-at 4]
@@ -30,6 +33,7 @@ import time
 
 import torch
 
+from causalfusion.flop_count import sampling_flops
 from causalfusion.models import CausalFusion, ModelConfig
 from causalfusion.sampling import sample
 
@@ -48,7 +52,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="diffusion steps per AR step")
     p.add_argument("--tokens", default="64,256")
-    p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest is kept")
+    p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest is kept (0: FLOPs only)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--ar-steps", default="1,2,4,8,L", help="AR step counts to time (L: one token per step)")
     p.add_argument("--no-cache-at", type=int, default=4, help="S of the uncached reference (0: skip it)")
@@ -56,7 +60,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {a.preset}, batch {a.batch}, "
-          f"{a.steps} DDPM steps per AR step, random order, no CFG, best of {a.repeats}", flush=True)
+          f"{a.steps} DDPM steps per AR step, random order, no CFG, best of {a.repeats} (0: FLOPs only)", flush=True)
     rows = []
     for num_tokens in (int(v) for v in a.tokens.split(",")):
         torch.manual_seed(0)
@@ -65,7 +69,8 @@ def main() -> None:
         model = CausalFusion(cfg).eval()
         labels = torch.arange(a.batch) % cfg.num_classes
         kw = dict(steps=a.steps, order="random", seed=0)
-        timed(model, labels, **{**kw, "steps": 2})  # warm-up
+        if a.repeats:
+            timed(model, labels, **{**kw, "steps": 2})  # warm-up
         columns = parse_ar_steps(a.ar_steps, num_tokens)
         configs = [(f"S={s}", dict(ar_steps=s)) for s in [1] + columns]
         if a.no_cache_at:
@@ -77,16 +82,19 @@ def main() -> None:
             for name, extra in configs:
                 best[name] = min(best[name], timed(model, labels, **kw, **extra))
             print(f"  {num_tokens} tokens, round {r + 1}: " + ", ".join(f"{n} {v:.2f}s" for n, v in best.items()), flush=True)
-        rows.append((num_tokens, [best[f"S={s}"] / best["S=1"] for s in columns], best))
+        work = {name: sampling_flops(model, labels, **kw, **extra)["total"] for name, extra in configs}
+        if a.repeats:
+            rows.append((num_tokens, "time", f"{best['S=1']:.1f} s", columns, best))
+        rows.append((num_tokens, "FLOPs", f"{work['S=1'] / 1e12:.2f} TFLOP", columns, work))
     print()
     names = [f"S={v.strip()}" for v in a.ar_steps.split(",") if v.strip() != "1"]  # L stays "S=L"
     nc = [f"S={a.no_cache_at} no cache / S={a.no_cache_at} cache"] if a.no_cache_at else []
-    print("| " + " | ".join(["tokens", "S=1 (cache)"] + names + nc) + " |")
-    print("|" + "---|" * (2 + len(names) + len(nc)))
-    for num_tokens, rel, best in rows:
-        cells = [str(num_tokens), f"{best['S=1']:.1f} s"] + [f"{r:.2f}x" for r in rel]
+    print("| " + " | ".join(["tokens", "measure", "S=1 (cache)"] + names + nc) + " |")
+    print("|" + "---|" * (3 + len(names) + len(nc)))
+    for num_tokens, measure, unit_value, columns, vals in rows:
+        cells = [str(num_tokens), measure, unit_value] + [f"{vals[f'S={s}'] / vals['S=1']:.2f}x" for s in columns]
         if a.no_cache_at:
-            cells.append(f"{best['no cache'] / best[f'S={a.no_cache_at}']:.2f}x")
+            cells.append(f"{vals['no cache'] / vals[f'S={a.no_cache_at}']:.2f}x")
         print("| " + " | ".join(cells) + " |")
 
 
