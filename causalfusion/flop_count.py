@@ -50,8 +50,8 @@ def sampling_flops(model: CausalFusion, labels: torch.Tensor, steps: int, **samp
     """
     if sample_kwargs.get("cfg", 1.0) != 1.0 and tuple(sample_kwargs.get("cfg_interval", (0, 1000))) != (0, 1000):
         raise ValueError("sampling_flops needs the same work at every diffusion step: use the full CFG interval 0,1000")
-    if int(steps) < 1:
-        raise ValueError(f"diffusion steps must be >= 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"sampling_flops takes one diffusion step count >= 1 for every AR step, got {steps!r}")
     with torch.no_grad():
         one, two = (count_flops(lambda n=n: sample(model, labels, steps=n, **sample_kwargs)) for n in (1, 2))
-    return {k: one[k] + (int(steps) - 1) * (two[k] - one[k]) for k in one}
+    return {k: one[k] + (steps - 1) * (two[k] - one[k]) for k in one}

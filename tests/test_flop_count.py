@@ -54,6 +54,9 @@ def test_cache_gives_s4_the_linear_work_of_s1_and_no_cache_the_prefix_ratio(mode
     assert 0.9 * blocks_ratio < ratio <= blocks_ratio  # head and t-embedder run on g tokens either way
 
 
-def test_partial_cfg_interval_is_refused(model):
-    with pytest.raises(ValueError, match="full CFG interval"):
-        sampling_flops(model, LABELS, 10, cfg=2.0, cfg_interval=(0, 700))
+@pytest.mark.parametrize("steps, kw, needle", [(10, dict(cfg=2.0, cfg_interval=(0, 700)), "full CFG interval"),
+                                               ([5, 3], dict(ar_steps=2), "one diffusion step count"),
+                                               (0, {}, "one diffusion step count")])
+def test_unsupported_arguments_are_refused(model, steps, kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        sampling_flops(model, LABELS, steps, **kw)
