@@ -233,8 +233,11 @@ def _final_loss(run_dir: Path, frac: float = 0.1) -> float | None:
 
 
 def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int, s_eval, dataset, mc, extractor,
-               reference, log=print) -> dict:
-    """Train (or resume, or reuse) one configuration and evaluate it; returns its result dict."""
+               reference, log=print, code: tuple[str, str] | None = None) -> dict:
+    """Train (or resume, or reuse) one configuration and evaluate it; returns its result dict.
+
+    ``code`` (git state, source digest) is stored with the result: a reused run keeps the code that
+    trained it, which need not be the code of the invocation that reports it."""
     from .checkpoint import read_json
     from .evaluation import evaluate_model
     from .trainer import Trainer
@@ -268,6 +271,8 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
     res = {"signature": sig, "name": cfg.name, "label": cfg.label, "rows": rows, "train_seconds": train_s,
            "eval_seconds": eval_s, "resumed_from": start, "final_loss": _final_loss(out),
            "params": sum(p.numel() for p in trainer.model.parameters()), "run_dir": str(out)}
+    if code is not None:
+        res["code"] = {"commit": code[0], "source_digest": code[1]}
     tmp = res_path.with_name("result.json.tmp")
     tmp.write_text(json.dumps(res, indent=2))
     tmp.replace(res_path)
@@ -324,7 +329,7 @@ def run_suite(name: str, settings: AblationSettings | None = None, out_root: str
         run_dir = run_dir_for(Path(out_root), run_signature(st, cfg, steps, s_eval))
         runs[cfg.name] = str(run_dir)
         (out / "runs.json").write_text(json.dumps(runs, indent=2))  # config -> its run directory
-        results.append(run_config(st, cfg, run_dir, steps, s_eval, dataset, mc, extractor, reference, log))
+        results.append(run_config(st, cfg, run_dir, steps, s_eval, dataset, mc, extractor, reference, log, code))
     wall = time.perf_counter() - t_start
     history.append({"command": command, "wall_seconds": round(wall, 1), "configs": [c.name for c in suite.configs],
                     "reused": sum(bool(r.get("reused")) for r in results), "commit": code[0],

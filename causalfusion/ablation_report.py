@@ -106,6 +106,17 @@ def plot_fid(results: list[dict], s_eval, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
+def training_code(results: list[dict], digest: str) -> str:
+    """The report line saying which source digest trained each config (a reused run keeps its own)."""
+    labels_by_digest: dict[str, list[str]] = {}
+    for r in results:
+        labels_by_digest.setdefault(r.get("code", {}).get("source_digest", "not recorded"), []).append(r["label"])
+    if list(labels_by_digest) == [digest]:
+        return "- training code: every config was trained by the source digest above"
+    return ("- training code (reused runs keep their own; their numbers need not reproduce with the digest above): "
+            + "; ".join(f"`{d}`: {', '.join(labels)}" for d, labels in labels_by_digest.items()))
+
+
 def write_report(out: Path, suite, st, results: list[dict], steps: int, s_eval, calib: dict, wall: float,
                  command: str | None, mc, extractor, code: tuple[str, str] | None = None,
                  history: list[dict] | None = None) -> Path:
@@ -139,6 +150,7 @@ def write_report(out: Path, suite, st, results: list[dict], steps: int, s_eval, 
         f"{len(results)} configs reused from earlier runs); per-config sums over the runs that produced the numbers: "
         f"training {train_s:.0f} s, evaluation {eval_s:.0f} s",
         f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        training_code(results, digest),
     ]
     for i, h in enumerate((history or [])[:-1]):
         lines.append(f"- earlier invocation {i + 1}: `{h.get('command')}` at commit `{h.get('commit')}`, "

@@ -64,6 +64,7 @@ def test_suite_report_layout_and_reuse(cache, tmp_path):
     assert "- command: `causalfusion ablate test`" in text and "- seed: 0" in text
     assert re.search(r"- commit: `[0-9a-f]{40}( \(dirty\))?`", text) and "5 training steps per config" in text
     assert "wall time" in text and "## The paper's numbers" in text and "13.78" in text
+    assert "- training code: every config was trained by the source digest above" in text
     png = tmp_path / "ar-steps" / "ar-steps.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](ar-steps.png)" in text
 
@@ -73,10 +74,17 @@ def test_suite_report_layout_and_reuse(cache, tmp_path):
         cfg = json.loads((tmp_path / "ar-steps" / ".." / "_runs" / run.split("/")[-1] / "config.json").read_text())
         assert (cfg["train"]["steps"], cfg["train"]["batch_size"], cfg["train"]["seed"]) == (5, 8, 0)
 
-    # a second invocation reuses the finished runs and writes the same table
+    # a second invocation reuses the finished runs and writes the same table; a run trained by other
+    # code (here: one from before runs recorded their code) is named in the report
     logs.clear()
+    res_path = tmp_path / "_runs" / runs["s1"].split("/")[-1] / "result.json"
+    res = json.loads(res_path.read_text())
+    assert res["code"]["source_digest"] == source_digest()
+    del res["code"]
+    res_path.write_text(json.dumps(res))
     again = run_suite("ar-steps", tiny(cache), tmp_path, ["s1", "random"], command="x", log=logs.append)
     assert sum("reused" in m for m in logs) == 2 and fid_table(again.read_text()) == table
+    assert f"`not recorded`: S_train = 1 (In-context DiT); `{source_digest()}`: random (uniform S, γ=1)" in again.read_text()
 
     # decay's γ=1 is the same configuration as ar-steps' "random": shared, not retrained
     logs.clear()
