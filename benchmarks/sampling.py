@@ -9,7 +9,7 @@ interleaved, and the fastest run is kept (other jobs on the machine only ever ad
 time row a FLOP row gives the same ratios for the work executed (``causalfusion.flop_count``,
 counted on the real sampler, exact, and free of the machine's noise): a time ratio far from its
 FLOP ratio is the hardware (small matmuls, per-call overhead), not the method. Prints one Markdown
-table; ``--repeats 0`` prints only the FLOP rows (seconds, whatever --steps).
+table; ``--repeats 0`` prints only the FLOP rows (4 min for the default table, whatever --steps).
 
     python benchmarks/sampling.py [--batch 16] [--steps 20] [--tokens 64,256] [--preset S] [--threads N]
                                   [--ar-steps 1,2,4,8,L] [--no-cache-at 4]
