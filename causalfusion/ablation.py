@@ -232,12 +232,28 @@ def _final_loss(run_dir: Path, frac: float = 0.1) -> float | None:
     return sum(float(r["loss"]) for r in tail) / len(tail)
 
 
+def _read_code(out: Path) -> list[dict]:
+    path = out / "code.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _record_code(out: Path, code: tuple[str, str], from_step: int) -> list[dict]:
+    """Append (commit, digest, first step it trains) to ``out/code.json`` before training: a run that
+    is interrupted and resumed by other code then names both."""
+    history = _read_code(out) + [{"commit": code[0], "source_digest": code[1], "from_step": from_step}]
+    tmp = out / "code.json.tmp"
+    tmp.write_text(json.dumps(history, indent=2))
+    tmp.replace(out / "code.json")
+    return history
+
+
 def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int, s_eval, dataset, mc, extractor,
                reference, log=print, code: tuple[str, str] | None = None) -> dict:
     """Train (or resume, or reuse) one configuration and evaluate it; returns its result dict.
 
     ``code`` (git state, source digest) is stored with the result: a reused run keeps the code that
-    trained it, which need not be the code of the invocation that reports it."""
+    trained it, which need not be the code of the invocation that reports it; a resumed run keeps
+    every code that trained part of it (``code_history``)."""
     from .checkpoint import read_json
     from .evaluation import evaluate_model
     from .trainer import Trainer
@@ -259,6 +275,7 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
     trainer = Trainer(mc, plan_config(cfg, mc.num_tokens), _train_config(st, cfg, out, steps), resume=resume,
                       dataset=dataset)
     start = trainer.step
+    history = _record_code(out, code, start) if trainer.step < steps and code is not None else _read_code(out)
     if trainer.step < steps:
         trainer.train()
     train_s = time.perf_counter() - t0
@@ -271,8 +288,9 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
     res = {"signature": sig, "name": cfg.name, "label": cfg.label, "rows": rows, "train_seconds": train_s,
            "eval_seconds": eval_s, "resumed_from": start, "final_loss": _final_loss(out),
            "params": sum(p.numel() for p in trainer.model.parameters()), "run_dir": str(out)}
-    if code is not None:
-        res["code"] = {"commit": code[0], "source_digest": code[1]}
+    if history:  # the code that began the run; every invocation that trained steps is in the history
+        res["code"] = {k: history[0][k] for k in ("commit", "source_digest")}
+        res["code_history"] = history
     tmp = res_path.with_name("result.json.tmp")
     tmp.write_text(json.dumps(res, indent=2))
     tmp.replace(res_path)

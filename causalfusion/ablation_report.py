@@ -110,7 +110,9 @@ def training_code(results: list[dict], digest: str) -> str:
     """The report line saying which source digest trained each config (a reused run keeps its own)."""
     labels_by_digest: dict[str, list[str]] = {}
     for r in results:
-        labels_by_digest.setdefault(r.get("code", {}).get("source_digest", "not recorded"), []).append(r["label"])
+        digests = [c["source_digest"] for c in r.get("code_history", [r.get("code", {})]) if "source_digest" in c]
+        key = "+".join(dict.fromkeys(digests)) or "not recorded"  # a resumed run may name two
+        labels_by_digest.setdefault(key, []).append(r["label"])
     if list(labels_by_digest) == [digest]:
         return "- training code: every config was trained by the source digest above"
     return ("- training code (reused runs keep their own; their numbers need not reproduce with the digest above): "

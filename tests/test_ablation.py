@@ -80,7 +80,7 @@ def test_suite_report_layout_and_reuse(cache, tmp_path):
     res_path = tmp_path / "_runs" / runs["s1"].split("/")[-1] / "result.json"
     res = json.loads(res_path.read_text())
     assert res["code"]["source_digest"] == source_digest()
-    del res["code"]
+    del res["code"], res["code_history"]
     res_path.write_text(json.dumps(res))
     again = run_suite("ar-steps", tiny(cache), tmp_path, ["s1", "random"], command="x", log=logs.append)
     assert sum("reused" in m for m in logs) == 2 and fid_table(again.read_text()) == table
@@ -108,11 +108,19 @@ def test_interrupted_config_resumes_to_the_same_result(cache, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         run_suite("order", tiny(cache), tmp_path / "cut", ["raster"], log=lambda m: None)
     monkeypatch.setattr(Trainer, "train_step", real)
+    import causalfusion.ablation_report as report_mod
+
+    first = source_digest()
+    monkeypatch.setattr(report_mod, "source_digest", lambda: "other-code")  # resumed by edited code
     resumed = run_suite("order", tiny(cache), tmp_path / "cut", ["raster"], log=lambda m: None)
     run = next(iter(json.loads((tmp_path / "cut" / "order" / "runs.json").read_text()).values()))
     res = json.loads(open(f"{run}/result.json").read())
     assert res["resumed_from"] == 2  # the checkpoint of step 2 (ckpt_every=2)
     assert fid_table(resumed.read_text()) == fid_table(ref.read_text())  # bit-identical resume
+    # the run names the code that began it and the code that finished it, from the step it took over
+    assert res["code"]["source_digest"] == first
+    assert [(c["source_digest"], c["from_step"]) for c in res["code_history"]] == [(first, 0), ("other-code", 2)]
+    assert f"`{first}+other-code`: raster" in resumed.read_text()
 
 
 def test_budget_picks_equal_steps(cache, tmp_path, monkeypatch):
