@@ -11,9 +11,10 @@ then solves for the steps that fit the wall-clock budget. The choice is stored i
 
 Resumable: each configuration lives in ``<out_root>/_runs/<hash of its settings>/`` (a normal run
 directory; ``<out_root>/<suite>/runs.json`` maps config names to them, and suites share identical
-configurations, e.g. decay's γ=1 is ar-steps' "random"). A finished
-one (``result.json`` whose settings match) is reused; a half-trained one is resumed from its last
-checkpoint (bit-identically, see ``Trainer``); a trained but unevaluated one is only evaluated.
+configurations, e.g. decay's γ=1 is ar-steps' "random"; the hash covers training settings only).
+A finished one (``result.json`` whose settings match) is reused, and sampled only at the S_eval it
+has no row for; a half-trained one is resumed from its last checkpoint (bit-identically, see
+``Trainer``); a trained but unevaluated one is only evaluated.
 """
 from __future__ import annotations
 
@@ -162,12 +163,19 @@ def _train_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: i
                        progress=st.progress)
 
 
-def run_signature(st: AblationSettings, cfg: AblationConfig, steps: int, s_eval) -> dict:
-    """What must match for a finished config directory to be reused."""
+def run_signature(st: AblationSettings, cfg: AblationConfig, steps: int) -> dict:
+    """What must match for a trained config directory to be reused: training settings only, so one
+    run serves every suite that trains it, whatever S_eval each asks for."""
     keys = ("data", "seed", "batch_size", "lr", "warmup", "ema_decay", "precision", "depth", "hidden_size",
-            "num_heads", "class_tokens", "eval_n", "eval_steps", "inception", "ref")
+            "num_heads", "class_tokens")
     return {"plan": dict(sorted(cfg.plan.items())), "batch_div": cfg.batch_div, "steps": steps,
-            "s_eval": list(s_eval), **{k: getattr(st, k) for k in keys}}
+            **{k: getattr(st, k) for k in keys}}
+
+
+def eval_signature(st: AblationSettings) -> dict:
+    """What must match for a stored S_eval row to be reused (each S_eval is sampled from the same seed
+    on its own, so rows of different invocations combine)."""
+    return {k: getattr(st, k) for k in ("eval_n", "eval_steps", "inception", "ref")}
 
 
 def run_dir_for(out_root: Path, sig: dict) -> Path:
@@ -254,18 +262,31 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
     ``code`` (git state, source digest) is stored with the result: a reused run keeps the code that
     trained it, which need not be the code of the invocation that reports it; a resumed run keeps
     every code that trained part of it (``code_history``)."""
-    from .checkpoint import read_json
+    from .checkpoint import load_model, read_json
     from .evaluation import evaluate_model
     from .trainer import Trainer
 
-    sig = run_signature(st, cfg, steps, s_eval)
+    sig, esig = run_signature(st, cfg, steps), eval_signature(st)
     res_path = out / "result.json"
     if res_path.is_file():
         res = json.loads(res_path.read_text())
-        if res.get("signature") == sig:
+        if res.get("signature") != sig:
+            raise ValueError(f"{out} holds a run with other settings ({res_path}); delete it or choose another --out")
+        done = {r["ar_steps"]: r for r in res["rows"]} if res.get("eval_signature") == esig else {}
+        missing = [int(v) for v in s_eval if int(v) not in done]
+        if missing:  # trained earlier (maybe by another suite): sample only the S_eval it lacks
+            log(f"  {cfg.name}: trained earlier ({out}), evaluating S_eval {missing}")
+            t1 = time.perf_counter()
+            rows = evaluate_model(load_model(out), eval_settings(cfg, st.eval_steps, missing), extractor,
+                                  reference, st.eval_n, st.seed)
+            done.update({r["ar_steps"]: r for r in rows})
+            res = {**res, "eval_signature": esig, "rows": [done[k] for k in sorted(done)],
+                   "eval_seconds": res["eval_seconds"] + time.perf_counter() - t1}
+            _write_result(res_path, res)
+        else:
             log(f"  {cfg.name}: finished earlier ({out}), reused")
-            return {**res, "name": cfg.name, "label": cfg.label, "run_dir": str(out), "reused": True}
-        raise ValueError(f"{out} holds a run with other settings ({res_path}); delete it or choose another --out")
+        return {**res, "rows": [done[int(v)] for v in s_eval], "name": cfg.name, "label": cfg.label,
+                "run_dir": str(out), "reused": True}
     resume = (out / "state.json").is_file()
     if resume:
         done = int(read_json(out / "state.json").get("step", 0))
@@ -285,16 +306,20 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
                           st.eval_n, st.seed)
     eval_s = time.perf_counter() - t1
     log(f"  {cfg.name}: evaluated in {eval_s:.0f} s: " + ", ".join(f"S={r['ar_steps']} FID {r['fid']:.2f}" for r in rows))
-    res = {"signature": sig, "name": cfg.name, "label": cfg.label, "rows": rows, "train_seconds": train_s,
+    res = {"signature": sig, "eval_signature": esig, "name": cfg.name, "label": cfg.label, "rows": rows, "train_seconds": train_s,
            "eval_seconds": eval_s, "resumed_from": start, "final_loss": _final_loss(out),
            "params": sum(p.numel() for p in trainer.model.parameters()), "run_dir": str(out)}
     if history:  # the code that began the run; every invocation that trained steps is in the history
         res["code"] = {k: history[0][k] for k in ("commit", "source_digest")}
         res["code_history"] = history
-    tmp = res_path.with_name("result.json.tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(res_path)
+    _write_result(res_path, res)
     return res
+
+
+def _write_result(path: Path, res: dict) -> None:
+    tmp = path.with_name("result.json.tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(path)
 
 
 def run_suite(name: str, settings: AblationSettings | None = None, out_root: str | Path = "runs/ablate",
@@ -344,7 +369,7 @@ def run_suite(name: str, settings: AblationSettings | None = None, out_root: str
     reference = reference_stats(st.data, extractor, st.ref, st.cache_dir)
     results, runs = [], {}
     for cfg in suite.configs:
-        run_dir = run_dir_for(Path(out_root), run_signature(st, cfg, steps, s_eval))
+        run_dir = run_dir_for(Path(out_root), run_signature(st, cfg, steps))
         runs[cfg.name] = str(run_dir)
         (out / "runs.json").write_text(json.dumps(runs, indent=2))  # config -> its run directory
         results.append(run_config(st, cfg, run_dir, steps, s_eval, dataset, mc, extractor, reference, log, code))

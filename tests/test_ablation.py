@@ -92,6 +92,17 @@ def test_suite_report_layout_and_reuse(cache, tmp_path):
     assert any("reused" in m for m in logs)
     assert [v.strip("*") for v in fid_table(decay.read_text())[2][1:]] == [v.strip("*") for v in table[3][1:]]
 
+    # other S_eval: the trained weights are reused and only the missing S_eval is sampled; its row
+    # equals the one a fresh run evaluating only that S_eval gets (from the in-memory EMA weights)
+    logs.clear()
+    more = run_suite("ar-steps", tiny(cache, s_eval=(2, 4)), tmp_path, ["s1"], log=logs.append)
+    assert any("evaluating S_eval [4]" in m for m in logs) and not any("trained steps" in m for m in logs)
+    more_row = [v.strip("*") for v in fid_table(more.read_text())[2][1:]]
+    assert more_row[0] == table[2][2].strip("*")
+    fresh = run_suite("ar-steps", tiny(cache, s_eval=(4,)), tmp_path / "fresh", ["s1"], log=logs.append)
+    assert any("trained steps 0..5" in m for m in logs)
+    assert fid_table(fresh.read_text())[2][1].strip("*") == more_row[1]
+
 
 def test_interrupted_config_resumes_to_the_same_result(cache, tmp_path, monkeypatch):
     ref = run_suite("order", tiny(cache), tmp_path / "ref", ["raster"], log=lambda m: None)
