@@ -249,9 +249,7 @@ def _record_code(out: Path, code: tuple[str, str], from_step: int) -> list[dict]
     """Append (commit, digest, first step it trains) to ``out/code.json`` before training: a run that
     is interrupted and resumed by other code then names both."""
     history = _read_code(out) + [{"commit": code[0], "source_digest": code[1], "from_step": from_step}]
-    tmp = out / "code.json.tmp"
-    tmp.write_text(json.dumps(history, indent=2))
-    tmp.replace(out / "code.json")
+    _write_json(out / "code.json", history)
     return history
 
 
@@ -282,7 +280,7 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
             done.update({r["ar_steps"]: r for r in rows})
             res = {**res, "eval_signature": esig, "rows": [done[k] for k in sorted(done)],
                    "eval_seconds": res["eval_seconds"] + time.perf_counter() - t1}
-            _write_result(res_path, res)
+            _write_json(res_path, res)
         else:
             log(f"  {cfg.name}: finished earlier ({out}), reused")
         return {**res, "rows": [done[int(v)] for v in s_eval], "name": cfg.name, "label": cfg.label,
@@ -312,13 +310,14 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
     if history:  # the code that began the run; every invocation that trained steps is in the history
         res["code"] = {k: history[0][k] for k in ("commit", "source_digest")}
         res["code_history"] = history
-    _write_result(res_path, res)
+    _write_json(res_path, res)
     return res
 
 
-def _write_result(path: Path, res: dict) -> None:
-    tmp = path.with_name("result.json.tmp")
-    tmp.write_text(json.dumps(res, indent=2))
+def _write_json(path: Path, obj) -> None:
+    """Write through a temporary file, so an interrupted write never leaves a truncated file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)
 
 
