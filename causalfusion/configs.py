@@ -51,7 +51,7 @@ class PaperConfig:
     base_lr: float = 1e-4  # per 256 images
     batch_size: int = 2048
     warmup_epochs: int = 40
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # plain, from step 0 (no warm-up), as in the release
     label_dropout: float = 0.1
     num_classes: int = 1000
     source: str = ""
@@ -91,7 +91,7 @@ class PaperConfig:
                     class_tokens=self.class_tokens, learn_pos=self.learn_pos, gamma=self.gamma, lam=self.lam,
                     batch_size=batch, lr=self.base_lr * batch / 256, warmup=self.warmup_epochs * spe,
                     steps=self.epochs * spe,
-                    ema_decay=self.ema_decay, label_dropout=self.label_dropout, precision="bf16",
+                    ema_decay=self.ema_decay, ema_warmup=False, label_dropout=self.label_dropout, precision="bf16",
                     sample_every=0, ckpt_every=5000, log_every=100)
 
     def describe(self) -> str:

@@ -36,6 +36,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # min(decay, (1+step)/(10+step)); the release (and --config) use a plain decay
     label_dropout: float = 0.1
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0
@@ -64,10 +65,11 @@ def warmup_lr(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / max(warmup, 1))
 
 
-def ema_decay_at(step: int, decay: float) -> float:
+def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
     """EMA decay with a warm-up, min(decay, (1+step)/(10+step)): a short run's EMA would
-    otherwise still be mostly its random initialisation (0.999^1000 = 37% of it)."""
-    return min(decay, (1.0 + step) / (10.0 + step))
+    otherwise still be mostly its random initialisation (0.999^1000 = 37% of it). The release
+    uses the plain decay (``warmup=False``); over the paper's ~150k steps the two end alike."""
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
 @torch.no_grad()
@@ -157,7 +159,7 @@ class Trainer:
         return warmup_lr(step, self.cfg.lr, self.cfg.warmup)
 
     def ema_decay_at(self, step: int) -> float:
-        return ema_decay_at(step, self.cfg.ema_decay)
+        return ema_decay_at(step, self.cfg.ema_decay, self.cfg.ema_warmup)
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns loss, grad norm, lr and the number of AR steps drawn."""

@@ -39,6 +39,9 @@ def test_params_counts_without_weights(capsys):
     out = capsys.readouterr().out
     millions = int(out.split(":")[1].split("parameters")[0].replace(",", "")) / 1e6
     assert abs(millions - 368) / 368 < 0.02
+    assert main(["params", "--config", "in256-system-H", "--depth", "48"]) == 0  # the release's H
+    assert "1,235,635,088 parameters" in capsys.readouterr().out
+    assert main(["params", "--depth", "0"]) == 2 and "--depth must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [

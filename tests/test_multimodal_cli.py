@@ -93,3 +93,32 @@ def test_ablate_suite_hook_and_report(tmp_path, capsys):
     assert "| CausalFusion | 50.0 / 50.0 |" in md and "a \\| b" in md and "(empty)" in md
     assert "v-prediction" in md  # the suite's default, and the report says so
     assert "score 40.00" in md and "perfect text-to-image model) 3.00" in md
+
+
+def test_transfusion_trains_images_with_plain_diffusion(run, tmp_path, capsys):
+    """Transfusion = the standard diffusion loss on images (S=1, weight 1) + captions on noised tokens;
+    the suite refuses to reuse a run trained with another plan or caption context."""
+    import torch
+
+    from causalfusion.ar_plan import sample_plan
+    from causalfusion.checkpoint import CheckpointError
+    from causalfusion.cli import build_parser
+    from causalfusion.cli.multimodal import configs_from_args
+    from causalfusion.multimodal.ablation import RUNS, MMSuiteSettings, _train, run_dir_name, run_plan
+
+    def plan_of(*flags):
+        return configs_from_args(build_parser().parse_args(["train-mm", *flags]))[2]
+
+    assert (plan_of("--transfusion").gamma, plan_of("--transfusion").lam) == (0.0, 1.0)
+    assert (plan_of().gamma, plan_of().lam) == (0.9, 2.0)
+    assert plan_of("--transfusion", "--gamma", "0.9").gamma == 0.9  # an explicit flag wins
+    st = MMSuiteSettings()
+    g = torch.Generator().manual_seed(0)
+    tf = run_plan(st, RUNS["Transfusion"][1])
+    plans = [sample_plan(tf, 4, (4, 4), 1000, g) for _ in range(20)]
+    assert all(p.group_sizes == [16] and torch.all(p.weights == 1) for p in plans)
+    cf = run_plan(st, RUNS["CausalFusion"][1])
+    assert any(len(sample_plan(cf, 4, (4, 4), 1000, g).group_sizes) > 1 for _ in range(20))
+    assert run_dir_name("CausalFusion, noisy captions") == "causalfusion-noisy-captions"
+    with pytest.raises(CheckpointError, match="another AR plan"):  # `run` trained with CausalFusion's plan
+        _train(MMSuiteSettings(steps=1), run, True, tf, print)

@@ -122,6 +122,8 @@ def test_ema_and_warmup_rules(tmp_path):
     for _ in range(100):  # past the EMA warm-up, (1+step)/(10+step) > 0.9
         tr.train_step()
     assert tr.ema_decay_at(0) == 0.1 and tr.ema_decay_at(1000) == 0.9
+    plain = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "plain", ema_decay=0.9, ema_warmup=False))
+    assert plain.ema_decay_at(0) == 0.9  # the release's plain decay, as --config sets it
     before = [p.detach().clone() for p in tr.ema.parameters()]
     tr.train_step()
     for e0, e, p in zip(before, tr.ema.parameters(), tr.model.parameters()):
@@ -175,3 +177,16 @@ def test_loss_refuses_a_diffusion_of_the_other_parameterisation(model_pred, diff
         causalfusion_loss(model, Diffusion(prediction=diffusion_pred), x0[:2], y[:2], ARPlanConfig())
     loss, _ = causalfusion_loss(model, Diffusion(prediction=model_pred), x0[:2], y[:2], ARPlanConfig())
     assert torch.isfinite(loss)
+
+
+def test_ema_warmup_flag_and_paper_configs():
+    from causalfusion.cli import build_parser
+    from causalfusion.configs import get_config
+
+    parse = build_parser().parse_args
+    assert parse(["train", "--ema-warmup", "off"]).ema_warmup is False
+    assert parse(["train", "--ema-warmup", "on"]).ema_warmup is True
+    assert parse(["train"]).ema_warmup is None  # not given: TrainConfig's default (warm-up on)
+    with pytest.raises(SystemExit):
+        parse(["train", "--ema-warmup", "maybe"])
+    assert get_config("in256-system-XL").train_args()["ema_warmup"] is False

@@ -2,23 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..configs import PAPER_CONFIGS
 from ..models import PRESETS, ModelConfig, count_parameters
 from ..trainer import param_count_str
 
 def cmd_params(a: argparse.Namespace) -> None:
+    if a.depth is not None and a.depth < 1:
+        raise ValueError(f"--depth must be >= 1, got {a.depth}")
     if a.config:  # a paper configuration: its model, and the count the paper states
         from ..configs import PAPER_PARAMS, get_config
 
         cfg = get_config(a.config).model_config()
+        if a.depth is not None:  # e.g. the release's 48-layer H
+            cfg = dataclasses.replace(cfg, depth=a.depth)
         n, paper = count_parameters(cfg), PAPER_PARAMS[a.config]
         print(f"{a.config}: {n:,} parameters ({param_count_str(n)}), {cfg.depth} layers x {cfg.hidden_size} wide x "
               f"{cfg.num_heads} heads, {cfg.num_tokens} image tokens, {cfg.num_cond} class tokens; "
               f"paper: {param_count_str(int(paper))} ({100 * (n - paper) / paper:+.1f}%)")
         return
     cfg = ModelConfig.from_preset(a.preset, image_size=a.image_size, in_channels=a.channels,
-                                  patch_size=a.patch_size, num_classes=a.num_classes, class_tokens=a.class_tokens)
+                                  patch_size=a.patch_size, num_classes=a.num_classes, class_tokens=a.class_tokens,
+                                  **({"depth": a.depth} if a.depth is not None else {}))
     n = count_parameters(cfg)
     print(f"{a.preset}: {n:,} parameters ({param_count_str(n)}), {cfg.depth} layers x {cfg.hidden_size} wide x "
           f"{cfg.num_heads} heads, {cfg.num_tokens} image tokens, {cfg.num_cond} class tokens")
@@ -69,6 +75,7 @@ def add_parser(sub) -> None:
     q.add_argument("--patch-size", type=int, default=2)
     q.add_argument("--num-classes", type=int, default=1000)
     q.add_argument("--class-tokens", type=int, default=64)
+    q.add_argument("--depth", type=int, default=None, help="override the number of layers (e.g. 48: the release's H)")
     q.add_argument("--config", default=None, choices=list(PAPER_CONFIGS),
                    help="count a paper configuration instead (compared with the paper's number)")
     q.set_defaults(func=cmd_params)

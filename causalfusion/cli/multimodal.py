@@ -36,12 +36,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-text-len", type=int, default=35, help="text slot T incl. <bos>/<eos> (paper: 35)")
     p.add_argument("--tie-head", action="store_true", help="tie the LM head to the token embedding")
     p.add_argument("--transfusion", action="store_true",
-                   help="Transfusion baseline: image-first captions attend to the noisy image tokens")
+                   help="Transfusion baseline: image-first captions attend to the noised image tokens, and images "
+                        "train under the standard diffusion loss (--gamma 0 --lam 1 unless given)")
     p.add_argument("--image-first-prob", type=float, default=0.1, help="share of image-first (captioning) sequences")
     p.add_argument("--text-weight", type=float, default=0.01, help="text loss weight relative to the image loss")
-    p.add_argument("--gamma", type=float, default=0.9, help="P(S) ∝ gamma^(S-1) (0: plain diffusion)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="P(S) ∝ gamma^(S-1) (0: plain diffusion; default 0.9, with --transfusion 0)")
     p.add_argument("--order", default="random", choices=ORDERS)
-    p.add_argument("--lam", type=float, default=2.0, help="AR loss weight of the first step")
+    p.add_argument("--lam", type=float, default=None, help="AR loss weight of the first step (default 2, with --transfusion 1)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +73,10 @@ def configs_from_args(a: argparse.Namespace):
     mc = ModelConfig.from_preset(a.preset, **{**MM_MODEL, "patch_size": a.patch_size, "image_size": a.image_size,
                                                "prediction": a.prediction, **size})
     text = dict(max_text_len=a.max_text_len, tie_head=a.tie_head, transfusion=a.transfusion)
-    plan = ARPlanConfig(gamma=a.gamma, order=a.order, lam=a.lam)
+    # Transfusion trains images with the standard diffusion loss: one AR step, uniform weight
+    gamma = a.gamma if a.gamma is not None else (0.0 if a.transfusion else 0.9)
+    lam = a.lam if a.lam is not None else (1.0 if a.transfusion else 2.0)
+    plan = ARPlanConfig(gamma=gamma, order=a.order, lam=lam)
     mix = MixConfig(a.image_first_prob, a.text_weight)
     tc = MMTrainConfig(data=a.data, out=a.out, image_size=a.image_size, tokenizer=a.tokenizer, bpe_vocab=a.bpe_vocab,
                        steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay,

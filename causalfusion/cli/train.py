@@ -16,6 +16,14 @@ MODEL_ARGS = ("patch_size", "class_tokens", "class_repeat", "learn_pos", "image_
               "prediction")
 
 
+def _on_off(text: str) -> bool:
+    """'on'/'off' (also true/false, 1/0) for the boolean fields of TrainConfig, e.g. --ema-warmup off."""
+    v = text.strip().lower()
+    if v not in ("on", "off", "true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return v in ("on", "true", "1")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
                    help="'digits' (built in), 'folder:PATH' (ImageFolder tree) or 'latents:DIR' (cache-latents output)")
@@ -46,7 +54,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name in ("data", "out", "image_size", "progress"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, type=type(f.default) if f.default is not None else str, default=None)
+        kind = _on_off if isinstance(f.default, bool) else type(f.default) if f.default is not None else str
+        p.add_argument(flag, type=kind, default=None, metavar="on|off" if kind is _on_off else None)
     p.add_argument("--no-progress", action="store_true")
     add_scale_args(p)  # --config, --vae, --vae-path, --base-lr, --strategy, --grad-accum, --grad-ckpt
     add_eval_train_args(p)  # --eval-every and friends (in-loop evaluation)

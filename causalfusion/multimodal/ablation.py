@@ -1,8 +1,15 @@
 """Tab. 6a on ``shapes``: CausalFusion vs the Transfusion baseline, same data, model and budget.
 
-The two runs differ in one flag (``TextConfig.transfusion``: image-first captions attend to the
-noisy image tokens instead of the clean ones); architecture, tokenizer, AR plan, seed, steps and
-batches are equal. Each run is evaluated on the ``test`` split (seen attribute combinations) and
+Three runs with equal architecture, tokenizer, seed, steps and batches:
+
+* CausalFusion: the AR plan of Sec. 5 (γ, λ) on images; image-first captions read the clean tokens.
+* Transfusion, as the paper describes it: the standard diffusion loss on images (one AR step, full
+  attention within the image, uniform loss weight: γ=0, λ=1), and captions that read the noised
+  image tokens (``TextConfig.transfusion``).
+* CausalFusion with noisy captions: CausalFusion's AR plan with Transfusion's caption context, so
+  the caption difference can be told apart from the image objective.
+
+Each run is evaluated on the ``test`` split (seen attribute combinations) and
 the ``heldout`` split (unseen ones): T2I exact/object accuracy by the checker, FID on the small
 shapes CNN, caption exact/attribute accuracy and CIDEr. Runs already trained to the step target
 are reused, shorter ones resumed, so an interrupted suite continues.
@@ -21,7 +28,8 @@ from ..ar_plan import ARPlanConfig
 from ..models import ModelConfig
 from .objective import MixConfig
 
-RUNS = (("CausalFusion", False), ("Transfusion", True))
+# name -> (captions read the noised image tokens, CausalFusion's AR plan on images)
+RUNS = {"CausalFusion": (False, True), "Transfusion": (True, False), "CausalFusion, noisy captions": (True, True)}
 PROMPTS = ["a red circle at the top left", "a blue triangle at the bottom right", "a yellow square in the top right corner",
            "a green triangle at the top left and a magenta circle at the bottom right",
            "a cyan square at the bottom left and a red square at the top right",
@@ -50,12 +58,31 @@ class MMSuiteSettings:
     progress: bool = False
 
 
-def _train(st: MMSuiteSettings, out: Path, transfusion: bool, log) -> None:
-    """Train (or continue) one run to ``st.steps``; a run already there is reused as it is."""
+def run_dir_name(name: str) -> str:
+    """'CausalFusion, noisy captions' -> 'causalfusion-noisy-captions'."""
+    return "-".join(name.lower().replace(",", " ").split())
+
+
+def run_plan(st: MMSuiteSettings, causalfusion_plan: bool) -> ARPlanConfig:
+    """The image objective of a run: Sec. 5's AR plan, or plain diffusion (S=1, uniform weight)."""
+    return ARPlanConfig(gamma=st.gamma) if causalfusion_plan else ARPlanConfig(gamma=0.0, lam=1.0)
+
+
+def _train(st: MMSuiteSettings, out: Path, transfusion: bool, plan: ARPlanConfig, log) -> None:
+    """Train (or continue) one run to ``st.steps``; a run already there is reused as it is, after
+    checking it was trained with this run's caption context and AR plan."""
+    from dataclasses import asdict
+
+    from ..checkpoint import CheckpointError, read_config
     from .train import MMTrainConfig, MMTrainer
 
     state = out / "state.json"
     done = json.loads(state.read_text())["step"] if state.is_file() else 0
+    if done:
+        saved = read_config(out)
+        if saved.get("plan") != asdict(plan) or saved.get("text", {}).get("transfusion") != transfusion:
+            raise CheckpointError(f"{out} was trained with another AR plan or caption context than this suite's "
+                                  f"{out.name} run; use another --out")
     if done >= st.steps:
         return
     mc = ModelConfig(image_size=16, in_channels=3, patch_size=st.patch_size, depth=st.depth, hidden_size=st.hidden_size,
@@ -63,7 +90,7 @@ def _train(st: MMSuiteSettings, out: Path, transfusion: bool, log) -> None:
     tc = MMTrainConfig(data="shapes", out=str(out), steps=st.steps, batch_size=st.batch_size, lr=st.lr,
                        warmup=min(100, st.steps // 10), precision=st.precision, seed=st.seed,
                        ckpt_every=max(100, st.steps // 5), progress=st.progress)
-    trainer = MMTrainer(mc, dict(max_text_len=st.max_text_len, transfusion=transfusion), ARPlanConfig(gamma=st.gamma),
+    trainer = MMTrainer(mc, dict(max_text_len=st.max_text_len, transfusion=transfusion), plan,
                         MixConfig(st.image_first_prob, st.text_weight), tc, resume=bool(done))
     log(f"training {out.name}: steps {trainer.step}..{st.steps}")
     trainer.train()
@@ -113,7 +140,7 @@ def _figure(path: Path, grids: dict[str, torch.Tensor], curves: dict[str, tuple]
 
 def run_suite(out_dir: str | Path, report: str | Path, settings: MMSuiteSettings | None = None,
               command: str = "causalfusion ablate --suite multimodal", log=print) -> Path:
-    """Train both runs, evaluate them, write ``report`` (Markdown) and ``multimodal.png`` beside it."""
+    """Train the runs of ``RUNS``, evaluate them, write ``report`` (Markdown) and ``multimodal.png`` beside it."""
     from .evaluate import ShapesExtractor, evaluate_model
     from .generate import caption, text_to_image
     from .shapes import make_shapes, redraw
@@ -131,9 +158,9 @@ def run_suite(out_dir: str | Path, report: str | Path, settings: MMSuiteSettings
     test_images, _, test_objs = make_shapes("test", st.eval_n, 16)
     floor = (fid(test_images, make_shapes("train", st.eval_n, 16)[0], extractor),
              fid(test_images, redraw(test_objs, 16), extractor))
-    for name, transfusion in RUNS:
-        run = out_dir / name.lower()
-        _train(st, run, transfusion, log)
+    for name, (transfusion, causal_plan) in RUNS.items():
+        run = out_dir / run_dir_name(name)
+        _train(st, run, transfusion, run_plan(st, causal_plan), log)
         model, tok = load_multimodal(run)
         *curve, train_s = _log(run)
         row = {"train_s": train_s}
@@ -166,11 +193,15 @@ def _markdown(st: MMSuiteSettings, res: dict, caps: dict, truths: list[str], png
     lines = [
         "# Multimodal CausalFusion vs Transfusion on `shapes` (paper Tab. 6a, small scale)", "",
         f"Command: `{command}`", "",
-        f"Both runs: {st.depth} layers x {st.hidden_size} wide x {st.num_heads} heads, 16x16 RGB images in "
+        f"All runs: {st.depth} layers x {st.hidden_size} wide x {st.num_heads} heads, 16x16 RGB images in "
         f"{st.patch_size}x{st.patch_size} patches (16 tokens), text slot {st.max_text_len}, BPE trained on the captions; "
-        f"{st.prediction}-prediction; {st.steps} steps of batch {st.batch_size}, lr {st.lr}, {st.precision}, seed {st.seed}; gamma {st.gamma}; "
+        f"{st.prediction}-prediction; {st.steps} steps of batch {st.batch_size}, lr {st.lr}, {st.precision}, seed {st.seed}; "
         f"{100 * st.image_first_prob:.0f}% image-first sequences, text loss weight {st.text_weight}. "
-        f"The only difference: Transfusion's captions attend to the noisy image tokens. "
+        f"CausalFusion: images under the AR plan of Sec. 5 (gamma {st.gamma}, random order, lambda 2), captions read "
+        f"the clean image tokens. Transfusion (as the paper describes it): the standard diffusion loss on images "
+        f"(S=1, full attention within the image, uniform weight) and captions that read the noised image tokens. "
+        f"CausalFusion, noisy captions: CausalFusion's images with Transfusion's captions, which separates the "
+        f"two differences. "
         f"Evaluation: {st.eval_n} images per split, T2I with CFG {st.cfg}, S=1, {st.eval_steps} DDPM steps; "
         f"greedy captions.", "",
         "| model | T2I exact % (test / held-out) | T2I object % (test / held-out) | "

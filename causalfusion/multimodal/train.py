@@ -98,8 +98,9 @@ class MMTrainer:
                   "plan": asdict(self.plan_cfg), "mix": asdict(self.mix), "train": asdict(c), "data": d.name}
         if self.resume:
             saved = read_config(self.out)
-            if saved.get("model") != config["model"] or saved.get("text") != config["text"]:
-                raise CheckpointError(f"cannot resume {self.out}: model/text config differs from the checkpoint's")
+            differ = [k for k in ("model", "text", "plan", "mix") if saved.get(k) != config[k]]
+            if differ:
+                raise CheckpointError(f"cannot resume {self.out}: {'/'.join(differ)} config differs from the checkpoint's")
             state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
             self.step = int(state["step"])
             self.gen.set_state(extra["gen"])
