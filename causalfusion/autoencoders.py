@@ -13,8 +13,9 @@ the fly, and samples are decoded after sampling. Three kinds:
   ``convert_ldm_vae`` turns its weights (as safetensors) into a diffusers directory.
 
 Nothing is ever downloaded (``local_files_only``) and only safetensors weights are read.
-``encode`` returns ``(mean - shift) * scale`` of the posterior (the latents the model learns);
-``decode`` inverts the scaling and returns images in [-1, 1].
+``encode`` returns ``(mean - shift) * scale`` of the posterior; ``encode_posterior`` also its
+standard deviation, so that training can draw a fresh latent from the posterior for every batch,
+as DiT and MAR do (``sample_posterior``); ``decode`` inverts the scaling and returns images in [-1, 1].
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Autoencoder:
     """What the rest of the library needs from an autoencoder."""
 
     kind: str = "identity"
+    has_posterior: bool = False  # a VAE: encode_posterior gives a non-zero std
     channels: int = 3  # latent channels (what the model sees)
     downsample: int = 1  # image size / latent size
     image_channels: int = 3
@@ -49,6 +51,11 @@ class Autoencoder:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, image_channels, H, W] in [-1, 1] -> scaled latents [B, channels, H/d, W/d] (float32, CPU)."""
         raise NotImplementedError
+
+    def encode_posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (mean, std) of the scaled latent posterior, each [B, channels, H/d, W/d]."""
+        mean = self.encode(images)
+        return mean, torch.zeros_like(mean)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, channels, h, w] -> images [B, image_channels, h*d, w*d] in [-1, 1] (float32, CPU)."""
@@ -161,10 +168,16 @@ class DiffusersAutoencoder(Autoencoder):
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.digest = weights_digest(weights)
 
+    has_posterior = True
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        mean = self.vae.encode(images.to(self.device, self.dtype)).latent_dist.mean
-        return ((mean.float() - self.shift) * self.scale).cpu()
+        return self.encode_posterior(images)[0]
+
+    @torch.no_grad()
+    def encode_posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        return ((dist.mean.float() - self.shift) * self.scale).cpu(), (dist.std.float() * self.scale).cpu()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -174,6 +187,13 @@ class DiffusersAutoencoder(Autoencoder):
     def spec(self) -> dict:
         return {**super().spec(), "path": self.path, "scale": self.scale, "shift": self.shift,
                 "weights_sha256": self.digest}
+
+
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """mean + std * eps, eps drawn per sample from a generator seeded with ``seeds`` [B] (so a sample's
+    draw does not depend on the batch or the process that loads it). mean, std: [B, C, h, w]."""
+    eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return mean + std * eps
 
 
 def load_autoencoder(kind: str = "identity", path: str | Path | None = None, *, channels: int = 3,

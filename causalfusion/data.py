@@ -61,14 +61,17 @@ class Dataset:
     paths: list[Path] | None = None
     classes: list[str] | None = None
     flip: bool = False  # random horizontal flip (never for digits: a mirrored 3 is not a 3)
+    posterior: bool = False  # VAE latents: ``get`` draws from the posterior when given seeds
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def get(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    def get(self, index: torch.Tensor, flip: torch.Tensor | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """Images [len(index), C, H, W]; ``flip`` (bool [len(index)]) mirrors the marked ones horizontally.
 
-        Subclasses (latent caches, on-the-fly VAE encoding) override this, flip semantics included.
+        Subclasses (latent caches, on-the-fly VAE encoding) override this, flip semantics included;
+        with ``posterior`` they draw latents from the VAE posterior with ``seeds`` (int64 [len(index)]),
+        and without seeds return its mean. Pixels ignore ``seeds``.
         """
         if self.images is not None:
             x = self.images[index]
@@ -125,12 +128,13 @@ class BatchStream:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> images [B, C, H, W], labels [B]."""
-        index, flip = self.next_indices()
-        return self.dataset.get(index, flip), self.dataset.labels[index]
+        index, flip, seeds = self.next_indices()
+        return self.dataset.get(index, flip, seeds), self.dataset.labels[index]
 
-    def next_indices(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draw the next batch's dataset indices [B] and flips [B] (None without flip augmentation),
-        loading nothing: a distributed run draws the global batch on every rank, loads its share."""
+    def next_indices(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Draw the next batch's dataset indices [B], flips [B] (None without flip augmentation) and
+        posterior seeds [B] (None unless the dataset samples VAE latents), loading nothing: a
+        distributed run draws the global batch on every rank, loads its share."""
         take = []
         need = self.batch_size
         while need > 0:
@@ -142,7 +146,8 @@ class BatchStream:
             take.append(chunk)
         index = torch.cat(take)
         flip = torch.rand(len(index), generator=self.gen) < 0.5 if self.dataset.flip else None
-        return index, flip
+        seeds = torch.randint(0, 2**62, (len(index),), generator=self.gen) if self.dataset.posterior else None
+        return index, flip, seeds
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"perm": self._perm.clone(), "pos": torch.tensor(self._pos)}

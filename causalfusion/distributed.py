@@ -227,13 +227,14 @@ class DistributedTrainer(Trainer):
         w, r, a = self.env.world, self.env.rank, self.scale.grad_accum
         gb = c.batch_size
         # The global batch's randomness, drawn on every rank in the Trainer's order.
-        index, flip = self.stream.next_indices()
+        index, flip, seeds = self.stream.next_indices()
         y = drop_labels(self.dataset.labels[index], c.label_dropout, mc.num_classes, self.gen)
         plan = sample_plan(self.plan_cfg, gb, mc.grid, self.diffusion.num_timesteps, self.gen)
         noise = torch.randn((gb, self.plan_cfg.t_copies, mc.num_tokens, mc.patch_dim), generator=self.gen)
         local, micro = gb // w, gb // (w * a)
         lo = r * local
-        x_local = self.dataset.get(index[lo:lo + local], None if flip is None else flip[lo:lo + local])
+        x_local = self.dataset.get(index[lo:lo + local], None if flip is None else flip[lo:lo + local],
+                                   None if seeds is None else seeds[lo:lo + local])
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         self.model.train()

@@ -4,7 +4,8 @@ A cache directory holds::
 
     index.json                 settings (source, image size, autoencoder spec with its weights'
                                sha256, flip, dtype), the shard list, and ``complete``
-    shard_00000.safetensors    ``mean`` [n, C, h, w] (scaled posterior means), ``mean_flip`` (the
+    shard_00000.safetensors    ``mean`` [n, C, h, w] (scaled posterior means), ``std`` (their
+                               standard deviations, for a VAE), ``mean_flip``/``std_flip`` (the
                                same for the horizontally flipped image, when cached), ``labels`` [n]
 
 Images are cached in dataset order (classes sorted by name, files sorted). Every shard is written
@@ -14,8 +15,10 @@ Under ``torchrun`` the shards are divided among the ranks.
 
 Training reads a cache as a ``Dataset`` (``--data latents:DIR``) with the augmentation semantics
 of the pixel pipeline: the same ADM center crop happened before encoding, and the random
-horizontal flip picks ``mean_flip`` instead of ``mean`` (a cache without flips trains without).
-``EncodedDataset`` does the same on the fly, without a cache.
+horizontal flip picks ``mean_flip`` instead of ``mean`` (a cache without flips trains without),
+and every batch draws a fresh latent mean + std * eps from the posterior, as MAR does with its
+cached moments (seeded per sample from the training generator, so resume and any number of
+processes see the same latents). ``EncodedDataset`` does the same on the fly, without a cache.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .autoencoders import Autoencoder, AutoencoderError, check_same_autoencoder
+from .autoencoders import Autoencoder, AutoencoderError, check_same_autoencoder, sample_posterior
 from .data import Dataset
 
 FORMAT = "causalfusion-latent-cache"
@@ -38,7 +41,7 @@ INDEX = "index.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Settings that must match for a cache to be continued.
 _SAME = ("format", "version", "source", "fingerprint", "num_images", "image_size", "image_channels",
-         "flip", "dtype", "shard_size")
+         "flip", "posterior", "dtype", "shard_size")
 
 
 class CacheError(ValueError):
@@ -64,7 +67,7 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _shard_ok(path: Path, shard: int, count: int, flip: bool) -> bool:
+def _shard_ok(path: Path, shard: int, count: int, flip: bool, posterior: bool) -> bool:
     if not path.is_file():
         return False
     try:
@@ -74,6 +77,7 @@ def _shard_ok(path: Path, shard: int, count: int, flip: bool) -> bool:
     except Exception:  # a damaged file is simply encoded again
         return False
     need = {"mean", "labels"} | ({"mean_flip"} if flip else set())
+    need |= {k.replace("mean", "std") for k in need if k.startswith("mean")} if posterior else set()
     return meta.get("shard") == str(shard) and meta.get("count") == str(count) and need <= keys
 
 
@@ -85,8 +89,10 @@ def plan_shards(num_images: int, shard_size: int) -> list[dict]:
 @torch.no_grad()
 def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: bool = True, shard_size: int = 2048,
                   batch_size: int = 64, dtype: str = "float32", progress: bool = True,
-                  rank: int = 0, world: int = 1, barrier=None) -> dict:
+                  rank: int = 0, world: int = 1, barrier=None, posterior: bool = True) -> dict:
     """Encode ``dataset`` into ``out`` (or finish a cache started there). Returns the index.
+
+    ``posterior`` (with a VAE) also stores the posterior std, so training samples latents.
 
     ``rank``/``world`` split the shards among processes (``barrier`` synchronises them).
     """
@@ -98,11 +104,12 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
         raise CacheError(f"{dataset.name} has {dataset.channels}-channel images; the {ae.kind} autoencoder takes {ae.image_channels}")
     out = Path(out)
     latent = ae.latent_size(dataset.image_size)
+    posterior = bool(posterior and ae.has_posterior)
     index = {
         "format": FORMAT, "version": VERSION, "source": dataset.name, "fingerprint": dataset_fingerprint(dataset),
         "num_images": len(dataset), "num_classes": dataset.num_classes, "classes": dataset.classes,
         "image_size": dataset.image_size, "image_channels": dataset.channels, "autoencoder": ae.spec(),
-        "latent_shape": [ae.channels, latent, latent], "flip": bool(flip), "dtype": dtype,
+        "latent_shape": [ae.channels, latent, latent], "flip": bool(flip), "posterior": posterior, "dtype": dtype,
         "shard_size": shard_size, "shards": plan_shards(len(dataset), shard_size), "complete": False,
     }
     path = out / INDEX
@@ -129,24 +136,24 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
 
     shards = index["shards"]
     mine = [i for i in range(len(shards)) if i % world == rank]
-    todo = [i for i in mine if not _shard_ok(out / shards[i]["file"], i, shards[i]["count"], flip)]
+    todo = [i for i in mine if not _shard_ok(out / shards[i]["file"], i, shards[i]["count"], flip, posterior)]
     done_images = sum(shards[i]["count"] for i in mine if i not in todo)
     bar = tqdm(total=sum(shards[i]["count"] for i in mine), initial=done_images, desc="caching latents",
                disable=not progress or rank != 0, unit="img", dynamic_ncols=True)
     for i in todo:
         s = shards[i]
-        means, flips = [], []
+        parts: dict[str, list[torch.Tensor]] = {}
         for b0 in range(s["start"], s["start"] + s["count"], batch_size):
             idx = torch.arange(b0, min(b0 + batch_size, s["start"] + s["count"]))
             x = dataset.get(idx)
-            means.append(ae.encode(x))
-            if flip:
-                flips.append(ae.encode(x.flip(-1)))
+            for suffix, view in [("", x)] + ([("_flip", x.flip(-1))] if flip else []):
+                mean, std = ae.encode_posterior(view)
+                parts.setdefault("mean" + suffix, []).append(mean)
+                if posterior:
+                    parts.setdefault("std" + suffix, []).append(std)
             bar.update(len(idx))
-        tensors = {"mean": torch.cat(means).to(DTYPES[dtype]).contiguous(),
-                   "labels": dataset.labels[s["start"]:s["start"] + s["count"]].clone()}
-        if flip:
-            tensors["mean_flip"] = torch.cat(flips).to(DTYPES[dtype]).contiguous()
+        tensors = {k: torch.cat(v).to(DTYPES[dtype]).contiguous() for k, v in parts.items()}
+        tensors["labels"] = dataset.labels[s["start"]:s["start"] + s["count"]].clone()
         tmp = out / (s["file"] + f".tmp{rank}")
         save_file(tensors, str(tmp), metadata={"shard": str(i), "count": str(s["count"]), "start": str(s["start"])})
         os.replace(tmp, out / s["file"])
@@ -154,7 +161,7 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
     if barrier:
         barrier()
     if rank == 0:
-        missing = [s["file"] for i, s in enumerate(shards) if not _shard_ok(out / s["file"], i, s["count"], flip)]
+        missing = [s["file"] for i, s in enumerate(shards) if not _shard_ok(out / s["file"], i, s["count"], flip, posterior)]
         if missing:
             raise CacheError(f"{len(missing)} shards still missing in {out} (e.g. {missing[0]}); run cache-latents again")
         index["complete"] = True
@@ -188,7 +195,8 @@ class LatentDataset(Dataset):
         for i, s in enumerate(index["shards"]):
             labels.append(self._handle(i).get_tensor("labels"))
         super().__init__(name=f"latents:{self.root}", num_classes=index["num_classes"], image_size=h, channels=c,
-                         labels=torch.cat(labels).long(), classes=index.get("classes"), flip=bool(index["flip"]))
+                         labels=torch.cat(labels).long(), classes=index.get("classes"), flip=bool(index["flip"]),
+                         posterior=bool(index.get("posterior", False)))  # caches written before std was stored: means
         self.autoencoder = {**index["autoencoder"], "image_size": index["image_size"]}
 
     def _handle(self, shard: int):
@@ -196,15 +204,18 @@ class LatentDataset(Dataset):
             self._handles[shard] = safe_open(str(self.root / self.index["shards"][shard]["file"]), framework="pt")
         return self._handles[shard]
 
-    def get(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    def get(self, index: torch.Tensor, flip: torch.Tensor | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
         c, h, w = self.index["latent_shape"]
-        out = torch.empty(len(index), c, h, w)
+        draw = self.posterior and seeds is not None
+        mean, std = torch.empty(len(index), c, h, w), torch.empty(len(index), c, h, w) if draw else None
         size = self.index["shard_size"]
         for row, i in enumerate(index.tolist()):
             shard, off = divmod(i, size)
             key = "mean_flip" if flip is not None and bool(flip[row]) else "mean"
-            out[row] = self._handle(shard).get_slice(key)[off:off + 1][0].float()
-        return out
+            mean[row] = self._handle(shard).get_slice(key)[off:off + 1][0].float()
+            if draw:
+                std[row] = self._handle(shard).get_slice(key.replace("mean", "std"))[off:off + 1][0].float()
+        return sample_posterior(mean, std, seeds) if draw else mean
 
     def __getstate__(self):  # safe_open handles do not pickle; reopen lazily
         return {**self.__dict__, "_handles": {}}
@@ -236,18 +247,21 @@ class EncodedDataset(Dataset):
             raise AutoencoderError(f"{base.name} has {base.channels}-channel images; the {ae.kind} autoencoder takes {ae.image_channels}")
         size = ae.latent_size(base.image_size)
         super().__init__(name=base.name, num_classes=base.num_classes, image_size=size, channels=ae.channels,
-                         labels=base.labels, classes=base.classes, flip=base.flip)
+                         labels=base.labels, classes=base.classes, flip=base.flip, posterior=ae.has_posterior)
         self.base, self.ae = base, ae
         self.autoencoder = {**ae.spec(), "image_size": base.image_size}
 
-    def get(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        return self.ae.encode(self.base.get(index, flip))
+    def get(self, index: torch.Tensor, flip: torch.Tensor | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.base.get(index, flip)
+        if seeds is None or not self.posterior:
+            return self.ae.encode(x)
+        return sample_posterior(*self.ae.encode_posterior(x), seeds)
 
 
 def cache_dataset(data: str, out: str | Path, *, image_size: int | None = None, vae: str | None = None,
                   vae_path: str | None = None, config: str | None = None, channels: int = 3, flip: bool = True,
                   shard_size: int = 2048, batch_size: int = 64, dtype: str = "float32", device: str = "cpu",
-                  progress: bool = True) -> dict | None:
+                  progress: bool = True, posterior: bool = True) -> dict | None:
     """``causalfusion cache-latents``: load the data and the VAE, encode (shards divided among the
     ranks under torchrun). Returns the finished index on rank 0, None on the other ranks."""
     from .autoencoders import load_autoencoder
@@ -266,7 +280,7 @@ def cache_dataset(data: str, out: str | Path, *, image_size: int | None = None, 
     env = init_distributed(device)
     ae = load_autoencoder(vae or "identity", vae_path, channels=ds.channels, device=device)
     index = cache_latents(ds, out, ae, flip=flip and ds.flip, shard_size=shard_size, batch_size=batch_size,
-                          dtype=dtype, progress=progress, rank=env.rank, world=env.world,
+                          dtype=dtype, progress=progress, rank=env.rank, world=env.world, posterior=posterior,
                           barrier=barrier if env.world > 1 else None)
     finalize_distributed()
     return index if env.is_main else None

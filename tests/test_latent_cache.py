@@ -67,6 +67,37 @@ def test_cache_holds_the_vae_latents_with_flips(world):
     assert torch.equal(a[1], b[1])
 
 
+def test_training_batches_draw_from_the_vae_posterior(world, tmp_path):
+    """Like DiT/MAR: each batch is mean + std * eps with per-sample seeds from the training generator;
+    without seeds (evaluation, probing) the mean; a --means-only cache gives the means."""
+    from safetensors import safe_open
+
+    lat = open_latent_cache(world / "cache")
+    assert lat.posterior
+    with safe_open(str(world / "cache" / "shard_00000.safetensors"), "pt") as f:
+        assert {"mean", "std", "mean_flip", "std_flip", "labels"} == set(f.keys())
+        assert (f.get_tensor("std") > 0).all()
+    idx, flip, seeds = torch.tensor([0, 5, 9]), torch.tensor([False, True, False]), torch.tensor([11, 12, 13])
+    drawn = lat.get(idx, flip, seeds)
+    mean = lat.get(idx, flip)
+    assert not torch.allclose(drawn, mean)
+    torch.testing.assert_close(lat.get(idx[1:2], flip[1:2], seeds[1:2])[0], drawn[1])  # independent of the batch
+    ae = load_autoencoder("sd-vae", world / "vae")
+    m, sd = ae.encode_posterior(load_dataset(f"folder:{world / 'images'}", 16).get(idx, flip))
+    eps = torch.stack([torch.randn(m.shape[1:], generator=torch.Generator().manual_seed(int(k))) for k in seeds])
+    torch.testing.assert_close(drawn, m + sd * eps, atol=1e-5, rtol=1e-5)  # the VAE's own posterior
+    z = (drawn - mean) / sd
+    assert abs(z.mean()) < 0.2 and 0.85 < z.std() < 1.15
+    means_only = tmp_path / "means"
+    assert main(["cache-latents", "--data", f"folder:{world / 'images'}", "--image-size", "16", "--vae", "sd-vae",
+                 "--vae-path", str(world / "vae"), "--out", str(means_only), "--means-only", "--no-progress"]) == 0
+    plain = open_latent_cache(means_only)
+    assert not plain.posterior
+    a, _ = BatchStream(plain, 4, torch.Generator().manual_seed(0)).next()
+    b, _ = BatchStream(lat, 4, torch.Generator().manual_seed(0)).next()
+    assert not torch.allclose(a, b)  # the same indices and flips, but b carries posterior noise
+
+
 class _Counting:
     """Wraps an autoencoder; counts encoded images, fails after ``fail_after`` calls (a killed run)."""
 
@@ -76,12 +107,12 @@ class _Counting:
     def __getattr__(self, name):
         return getattr(self.ae, name)
 
-    def encode(self, x):
+    def encode_posterior(self, x):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt
         self.calls += 1
         self.images += len(x)
-        return self.ae.encode(x)
+        return self.ae.encode_posterior(x)
 
 
 def test_killed_caching_run_continues_without_reencoding(world, tmp_path):
@@ -125,6 +156,23 @@ def test_training_from_the_cache_runs_and_resumes_exactly(world, tmp_path):
         assert torch.equal(p, q)
     spec = json.loads((tmp_path / "a" / "config.json").read_text())["autoencoder"]
     assert spec["kind"] == "sd-vae" and spec["image_size"] == 16 and spec["scale"] == 0.18215
+
+
+def test_distributed_step_draws_the_trainers_posterior_latents(world, tmp_path):
+    """The DistributedTrainer (one process, 2 micro-batches) slices the global batch's posterior seeds
+    like its flips: its steps are the Trainer's up to round-off."""
+    from causalfusion.distributed import DistributedTrainer, ScaleConfig
+
+    model = ModelConfig(image_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4,
+                        num_classes=2, class_tokens=2)
+    cfg = dict(data="latents", image_size=16, steps=2, batch_size=4, lr=1e-3, warmup=2, log_every=1, ckpt_every=2,
+               sample_every=0, progress=False)
+    a = Trainer(model, ARPlanConfig(), TrainConfig(out=str(tmp_path / "a"), **cfg), dataset=open_latent_cache(world / "cache"))
+    b = DistributedTrainer(model, ARPlanConfig(), TrainConfig(out=str(tmp_path / "b"), **cfg),
+                           dataset=open_latent_cache(world / "cache"), scale=ScaleConfig(grad_accum=2))
+    for _ in range(2):  # the first loss does not see the data (zero-initialised output layer)
+        la, lb = a.train_step()["loss"], b.train_step()["loss"]
+    assert abs(la - lb) < 1e-5
 
 
 def test_cli_train_from_cache_then_sample_decodes_to_pixels(world, tmp_path):

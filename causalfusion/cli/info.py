@@ -44,11 +44,11 @@ def cmd_cache_latents(a: argparse.Namespace) -> None:
 
     index = cache_dataset(a.data, a.out, image_size=a.image_size, vae=a.vae, vae_path=a.vae_path, config=a.config,
                           channels=a.channels, flip=not a.no_flip, shard_size=a.shard_size, batch_size=a.batch_size,
-                          dtype=a.dtype, device=a.device, progress=not a.no_progress)
+                          dtype=a.dtype, device=a.device, progress=not a.no_progress, posterior=not a.means_only)
     if index is not None:
         c, h, w = index["latent_shape"]
         print(f"cached {index['num_images']} images ({index['image_size']}px, {index['autoencoder']['kind']}) as "
-              f"{c}x{h}x{w} latents{' + flips' if index['flip'] else ''} in {len(index['shards'])} shards -> {a.out}")
+              f"{c}x{h}x{w} latents{' + flips' if index['flip'] else ''}{' (posterior mean + std)' if index['posterior'] else ''} in {len(index['shards'])} shards -> {a.out}")
 
 
 def cmd_convert_vae(a: argparse.Namespace) -> None:
@@ -92,6 +92,8 @@ def add_parser(sub) -> None:
     c.add_argument("--vae-path", default=None, help="diffusers AutoencoderKL directory or cached repo id")
     c.add_argument("--channels", type=int, default=3)
     c.add_argument("--no-flip", action="store_true", help="do not also cache the horizontally flipped images")
+    c.add_argument("--means-only", action="store_true",
+                   help="store only the posterior means (half the disk; training then sees no posterior noise)")
     c.add_argument("--shard-size", type=int, default=2048, help="images per shard file")
     c.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
     c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
