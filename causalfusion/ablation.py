@@ -337,6 +337,9 @@ def run_suite(name: str, settings: AblationSettings | None = None, out_root: str
         raise ValueError(f"--steps must be >= 1, got {st.steps}")
     if st.budget is not None and st.budget <= 0:
         raise ValueError(f"--budget must be > 0 seconds, got {st.budget}")
+    for flag, v, low in (("--batch-size", st.batch_size, 1), ("--eval-n", st.eval_n, 2), ("--eval-steps", st.eval_steps, 1)):
+        if v < low:
+            raise ValueError(f"{flag} must be >= {low}, got {v}")
     out = Path(out_root) / name
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -337,7 +337,10 @@ def convert_ldm_vae(src: str | Path, out_dir: str | Path, config: dict | None = 
     from diffusers import AutoencoderKL
 
     config = config or kl16_config()
-    state = load_file(str(src))
+    try:
+        state = load_file(str(src))
+    except Exception as e:  # safetensors raises several error types for damaged files
+        raise AutoencoderError(f"{src} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     if any(k.startswith("model.") for k in state):  # a {"model": state_dict} checkpoint flattened with a prefix
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     vae = AutoencoderKL(**config)

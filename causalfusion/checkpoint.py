@@ -45,9 +45,12 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} not found: is {path.parent} a causalfusion run directory?")
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is corrupt (a JSON {type(obj).__name__}, not an object)")
+    return obj
 
 
 def read_tensors(path: Path, step: int | None = None) -> dict[str, torch.Tensor]:
@@ -118,8 +121,9 @@ def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.
 def _load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     try:
         module.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+    except RuntimeError as e:  # torch's message: a header line, then one line per mismatch
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        first = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
         raise CheckpointError(f"{path} does not fit the model in config.json ({first})") from None
 
 
@@ -127,7 +131,8 @@ def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device
     """The model of a run directory, EMA weights by default, in eval mode."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"checkpoint directory {run_dir} does not exist")
+        what = "is a file, not a run directory" if run_dir.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint directory {run_dir} {what}")
     config = read_config(run_dir)
     try:
         model = CausalFusion(ModelConfig.from_dict(config["model"]))

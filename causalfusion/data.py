@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 DIGITS_SPLIT_SEED = 0  # fixed train/test split, shared by training, the classifier check and metrics
@@ -28,6 +28,19 @@ def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]
     x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
     images = torch.from_numpy(x.astype(np.float32)).view(-1, 1, 8, 8) / 16.0 * 2.0 - 1.0
     return images, torch.from_numpy(y.astype(np.int64))
+
+
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """Open and decode an image file; a ValueError (one line) for a missing or damaged one."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} {p} not found")
+    try:
+        img = Image.open(p)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{what} {p} is not an image ({type(e).__name__})") from None
+    return img
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
@@ -77,7 +90,7 @@ class Dataset:
             x = self.images[index]
         else:
             x = torch.stack([
-                image_to_tensor(center_crop_resize(Image.open(self.paths[i]), self.image_size), self.channels)
+                image_to_tensor(center_crop_resize(open_image(self.paths[i]), self.image_size), self.channels)
                 for i in index.tolist()
             ])
         return x if flip is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -108,7 +121,11 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3) ->
             raise ValueError(f"digits images are 8x8, got --image-size {image_size}")
         images, labels = load_digits_split("train")
         return Dataset("digits", 10, 8, 1, labels, images=images, classes=[str(i) for i in range(10)])
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {image_size}")
     if spec.startswith("folder:"):
+        if not spec[len("folder:"):].strip():
+            raise ValueError("folder: needs a path, e.g. folder:/data/imagenet/train")
         return load_folder(spec[len("folder:"):], image_size or 32, channels)
     if spec.startswith("latents:"):  # a cache written by `causalfusion cache-latents`
         from .latent_cache import open_latent_cache

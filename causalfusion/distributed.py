@@ -41,7 +41,7 @@ from .diffusion import denoising_loss
 from .images import save_grid
 from .models import CausalFusion
 from .objective import ar_target, drop_labels
-from .trainer import Trainer, adamw, check_finite, update_ema
+from .trainer import Trainer, adamw, check_device, check_finite, update_ema
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -72,7 +72,7 @@ def init_distributed(device: str = "cpu", force: bool = False) -> DistEnv:
     Outside torchrun this is world size 1 without a process group, unless ``force`` (FSDP2 needs a
     group even for one process): then a one-process gloo group on a temporary file store.
     """
-    cuda = torch.device(device).type == "cuda"
+    cuda = check_device(device).type == "cuda"
     if dist.is_available() and dist.is_initialized():
         return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if launched_by_torchrun():

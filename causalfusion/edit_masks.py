@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+
+from .data import open_image as _open_image  # one clear line for a missing or damaged file
 
 REGIONS = ("center", "top", "bottom", "left", "right", "outer")
 DEFAULT_FRACTION = 0.5
@@ -54,18 +55,6 @@ def region_mask(name: str, size: int, fraction: float | None = None) -> torch.Te
     if not m.any():
         raise ValueError(f"the mask is empty: region {name} with fraction {f:g} covers no pixel of a {size}x{size} image")
     return m
-
-
-def _open_image(path: str | Path, what: str) -> Image.Image:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{what} {p} not found")
-    try:
-        img = Image.open(p)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{what} {p} is not an image ({type(e).__name__})") from None
-    return img
 
 
 def load_mask_png(path: str | Path, size: int) -> torch.Tensor:

@@ -250,6 +250,8 @@ class EvalCallback:
             raise ValueError(f"--eval-every must be >= 1, got {every}")
         if n < 2:
             raise ValueError(f"--eval-n must be >= 2, got {n}")
+        if steps < 1:
+            raise ValueError(f"--eval-steps must be >= 1, got {steps}")
         self.every, self.n, self.seed, self.batch_size = every, n, seed, batch_size
         self.settings = [EvalSetting(int(s), order, steps, cfg) for s in ar_steps]
         self.inception, self.ref, self.cache_dir = inception, ref, cache_dir

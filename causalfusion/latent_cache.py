@@ -179,7 +179,7 @@ def _read_index(root: Path) -> dict:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{path} is corrupt ({e})") from None
-    if index.get("format") != FORMAT:
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise CacheError(f"{path} is not a causalfusion latent cache index")
     return index
 
@@ -201,7 +201,12 @@ class LatentDataset(Dataset):
 
     def _handle(self, shard: int):
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.root / self.index["shards"][shard]["file"]), framework="pt")
+            path = self.root / self.index["shards"][shard]["file"]
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises several error types for damaged files
+                raise CacheError(f"latent cache shard {path} is unreadable ({type(e).__name__}: {e}); "
+                                 f"delete it and run cache-latents again") from None
         return self._handles[shard]
 
     def get(self, index: torch.Tensor, flip: torch.Tensor | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -53,6 +53,14 @@ class ModelConfig:
     prediction: str = "eps"  # what the head outputs: the noise (paper) or v (small pixel images)
 
     def __post_init__(self) -> None:
+        sizes = ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "class_tokens",
+                 "class_repeat")
+        for name in sizes + ("num_classes",):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (name in sizes):
+                raise ValueError(f"model {name} must be an integer >= {int(name in sizes)}, got {v!r}")
+        if not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
+            raise ValueError(f"model mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction type {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         if self.image_size % self.patch_size:

@@ -24,6 +24,7 @@ S=L is token-by-token AR; any group sizes and any token order work in between.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -62,8 +63,8 @@ def per_sample_randn(generators: list[torch.Generator], shape: tuple[int, ...], 
 
 # ---- argument checks (each raises ValueError with one clear line) -------------------------------
 def check_cfg(scale: float, interval: tuple[float, float]) -> None:
-    if scale < 0:
-        raise ValueError(f"CFG scale must be >= 0, got {scale}")
+    if not (math.isfinite(scale) and scale >= 0):  # NaN would pass `scale < 0` and give black images
+        raise ValueError(f"CFG scale must be a finite number >= 0, got {scale}")
     lo, hi = interval
     if not 0 <= lo <= hi <= 1000:
         raise ValueError(f"CFG interval must satisfy 0 <= lo <= hi <= 1000, got {lo:g},{hi:g}")
@@ -276,8 +277,8 @@ def sample(
     check_labels(labels, c.num_classes)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if eta < 0:
-        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"DDIM eta must be a finite number >= 0, got {eta}")
     keep = _known_tokens(known, known_tokens, labels.shape[0], c)  # None: nothing known, plain sampling
     n_known = 0 if keep is None else int(keep[0].sum())
     sizes = resolve_groups(c.num_tokens - n_known, ar_steps, groups) if n_known < c.num_tokens else []

@@ -6,6 +6,7 @@ is saved with the checkpoint, so ``resume`` continues bit-identically.
 from __future__ import annotations
 
 import copy
+import math
 import csv
 import os
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .ar_plan import ARPlanConfig
+from .ar_plan import ARPlanConfig, sample_plan
 from .checkpoint import CheckpointError, load_training_state, read_config, save_checkpoint, write_config
 from .data import BatchStream, Dataset, load_dataset
 from .diffusion import Diffusion
@@ -53,6 +54,21 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def validate(self) -> None:
+        """One clear line for a value no run can use (checked before anything is written)."""
+        for name, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("ckpt_every", 1), ("warmup", 0),
+                          ("sample_every", 0), ("sample_steps", 1), ("samples_per_class", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"--grad-clip must be > 0 (the paper clips at 1.0), got {self.grad_clip}")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise ValueError(f"--label-dropout must be in [0, 1], got {self.label_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+
 
 # ---- pieces every trainer here shares (Trainer, DistributedTrainer, multimodal MMTrainer) ------
 def adamw(params, lr: float) -> torch.optim.AdamW:
@@ -85,6 +101,8 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
 
 def check_run_dir(out: Path, resume: bool) -> None:
     """Refuse to train over an existing run without --resume, or to resume a run that is not there."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a run directory")
     has_ckpt = (out / "state.json").exists()
     if has_ckpt and not resume:
         raise CheckpointError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
@@ -92,7 +110,23 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise CheckpointError(f"nothing to resume: {out}/state.json not found")
 
 
+def check_device(device: str) -> torch.device:
+    """A device this machine has: 'cpu', 'cuda' or 'cuda:N' (one clear line otherwise)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine (this torch build or no GPU)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use cpu or cuda")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def check_precision(precision: str, device: str) -> None:
+    check_device(device)
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16")
     if precision == "fp16" and torch.device(device).type == "cpu":
@@ -110,6 +144,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         c = self.cfg
+        c.validate()
         check_precision(c.precision, c.device)
         self.out = Path(c.out)
         check_run_dir(self.out, self.resume)
@@ -120,8 +155,7 @@ class Trainer:
         if want != have:
             raise ValueError(f"model expects (image size, channels, classes) {have} but {d.name} has {want}")
         self.plan_cfg.validate(self.model_cfg.num_tokens)
-        if not 0.0 <= c.ema_decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {c.ema_decay}")
+        sample_plan(self.plan_cfg, 1, self.model_cfg.grid, 1000, torch.Generator())  # e.g. a block that does not tile
 
         torch.manual_seed(c.seed)  # weight init
         self.model = CausalFusion(self.model_cfg).to(c.device)
@@ -198,6 +232,8 @@ class Trainer:
         c = self.cfg
         log_path = self.out / "log.csv"
         new_log = not log_path.exists()
+        if not new_log and self.is_main:
+            trim_log(log_path, self.step)  # rows a killed or NaN-stopped run logged after its last checkpoint
         writer = _tensorboard(self.out) if self.is_main else None
         last: dict[str, float] = {}
         with open(log_path if self.is_main else os.devnull, "a", newline="") as f:
@@ -231,6 +267,17 @@ class Trainer:
         if writer:
             writer.close()
         return last
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep the header and the rows of steps <= ``step`` (the checkpoint a resumed run continues from),
+    so the steps it trains again are not logged twice."""
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
 
 def _tensorboard(out: Path):

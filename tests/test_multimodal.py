@@ -101,6 +101,11 @@ def test_checker_and_parser_agree_on_dataset():
     assert acc == {"caption_exact": 1.0, "caption_attribute": 1.0}
     wrong = caption_accuracy(["a red circle at the top left"], [[("red", "square", "top left")]])
     assert wrong["caption_exact"] == 0 and wrong["caption_attribute"] == pytest.approx(2 / 3)
+    # two objects named at one position: the better one counts, whatever the set's (hash) order
+    both = "a blue square at the top left and a red circle at the top left"
+    for truth in ([("red", "circle", "top left")], [("blue", "square", "top left")]):
+        assert caption_accuracy([both], [truth])["caption_attribute"] == 1.0
+    assert caption_accuracy(["a red circle at the bottom right"], [[("red", "circle", "top left")]])["caption_attribute"] == 0
 
 
 def test_cider_known_values():

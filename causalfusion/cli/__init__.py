@@ -11,7 +11,8 @@ from ..checkpoint import CheckpointError
 from . import edit, evaluate, info, multimodal, sample, train
 from .train import add_train_args
 
-USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FloatingPointError, KeyError)
+# OSError: an output that cannot be written (a directory, a full disk, no permission), a damaged file
+USER_ERRORS = (ValueError, CheckpointError, OSError, FloatingPointError, KeyError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,34 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+import torch
 
 from ..ar_plan import ORDERS
+
+
+def check_outputs(*paths: str | None) -> None:
+    """Refuse (one line) output files that could not be written, before any work or any write:
+    an existing directory, or a path under an existing file. None entries are skipped."""
+    given = [Path(p) for p in paths if p]
+    for p in given:
+        if p.is_dir():
+            raise ValueError(f"output {p} is a directory; give a file name")
+        parent = p.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"cannot write {p}: {parent} is a file, not a directory")
+    if len({p.resolve() for p in given}) < len(given):
+        raise ValueError("two outputs name the same file: " + ", ".join(map(str, given)))
+
+
+def finite_images(images: torch.Tensor) -> torch.Tensor:
+    """Pass finite samples through; refuse NaN/inf ones (they would be written as black images)."""
+    if not torch.isfinite(images).all():
+        raise FloatingPointError("the samples contain NaN or inf: are the checkpoint's weights finite?")
+    return images
 
 
 def ints(text: str, flag: str) -> list[int]:

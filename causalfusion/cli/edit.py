@@ -6,7 +6,7 @@ import argparse
 import torch
 
 from ..checkpoint import load_model
-from .common import add_sampler_args, parse_classes, sample_options
+from .common import add_sampler_args, check_outputs, parse_classes, sample_options
 
 def cmd_edit(a: argparse.Namespace) -> None:
     from ..autoencoders import run_autoencoder
@@ -15,6 +15,7 @@ def cmd_edit(a: argparse.Namespace) -> None:
     from ..images import save_grid, save_npz
     from ..sampling import sample
 
+    check_outputs(a.out, a.npz, a.json)
     model = load_model(a.ckpt, ema=not a.raw, device=a.device)
     opts = sample_options(a)
     try:
@@ -28,7 +29,10 @@ def cmd_edit(a: argparse.Namespace) -> None:
 
         if opts["groups"] is not None or len(opts["steps"]) != 1:
             raise ValueError("--eval-digits takes --ar-steps and a single --steps value (no --groups)")
-        rows = edit_accuracy(model, regions=[r for r in a.mask.split(",") if r], num=a.eval_digits, cfgs=cfgs,
+        regions = [r for r in a.mask.split(",") if r.strip()]
+        if not regions:
+            raise ValueError(f"--mask expects region names (e.g. center,top), got {a.mask!r}")
+        rows = edit_accuracy(model, regions=regions, num=a.eval_digits, cfgs=cfgs,
                              ar_steps=a.ar_steps, order=opts["order"], steps=opts["steps"][0], seed=a.seed,
                              batch_size=a.batch_size, cache=not a.no_cache, fraction=a.mask_frac)
         print(format_accuracy(rows))

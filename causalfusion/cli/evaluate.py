@@ -5,13 +5,17 @@ import argparse
 
 from ..ar_plan import ORDERS
 from ..diffusion import PREDICTIONS
-from .common import ints
+from .common import check_outputs, ints
+
 
 def cmd_eval(a: argparse.Namespace) -> None:
     import json
 
     from ..evaluation import evaluate_checkpoint, evaluate_npz, format_metrics, format_rows
 
+    check_outputs(a.json)
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.npz:
         m = evaluate_npz(a.npz, a.data or "digits", a.inception, a.ref, a.device)
         print(format_metrics(m))

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from ..ar_plan import ORDERS, ARPlanConfig
-from ..checkpoint import read_config
+from ..checkpoint import CheckpointError, read_config
 from ..diffusion import PREDICTIONS
 from ..models import PRESETS, ModelConfig
 from ..multimodal.objective import MixConfig
+from .common import check_outputs, ints
 
 # The shapes defaults: 16 px RGB, 4x4 patches -> 16 image tokens.
 MM_MODEL = dict(image_size=16, in_channels=3, patch_size=4, num_classes=0, class_tokens=1)
@@ -85,17 +86,31 @@ def configs_from_args(a: argparse.Namespace):
     return mc, text, plan, mix, tc
 
 
-def cmd_train_mm(a: argparse.Namespace) -> None:
-    from ..multimodal.train import MMTrainConfig, MMTrainer
+def saved_configs(a: argparse.Namespace) -> tuple:
+    """configs_from_args' tuple from a run's config.json: a resumed run keeps everything it was
+    started with, except the step target. A missing or malformed section is one CheckpointError."""
+    from ..multimodal.train import MMTrainConfig
 
-    if a.resume:  # a resumed run keeps everything it was started with, except the step target
-        saved = read_config(a.out)
-        if saved.get("kind") != "multimodal":
-            raise ValueError(f"{a.out} is not a multimodal run")
+    path = Path(a.out) / "config.json"
+    saved = read_config(a.out)
+    if saved.get("kind") != "multimodal":
+        raise ValueError(f"{a.out} is not a multimodal run")
+    missing = [k for k in ("model", "text", "plan", "mix", "train") if not isinstance(saved.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"cannot resume: {path} has no {'/'.join(repr(k) for k in missing)} section")
+    try:
         text = {k: v for k, v in saved["text"].items() if k != "vocab_size"}
         tc = MMTrainConfig.from_dict({**saved["train"], "out": a.out, "steps": a.steps, "progress": not a.no_progress})
-        trainer = MMTrainer(ModelConfig.from_dict(saved["model"]), text, ARPlanConfig(**saved["plan"]),
-                            MixConfig(**saved["mix"]), tc, resume=True)
+        return (ModelConfig.from_dict(saved["model"]), text, ARPlanConfig(**saved["plan"]), MixConfig(**saved["mix"]), tc)
+    except (TypeError, ValueError) as e:  # unknown keys or bad values in a hand-edited file
+        raise CheckpointError(f"cannot resume: {path} holds an invalid config ({e})") from None
+
+
+def cmd_train_mm(a: argparse.Namespace) -> None:
+    from ..multimodal.train import MMTrainer
+
+    if a.resume:
+        trainer = MMTrainer(*saved_configs(a), resume=True)
     else:
         trainer = MMTrainer(*configs_from_args(a))
     n = sum(p.numel() for p in trainer.model.parameters())
@@ -114,17 +129,29 @@ def _check_interval(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def check_sampling(a: argparse.Namespace) -> None:
+    """t2i/eval-mm's --n, --steps and --cfg, before the checkpoint loads (and eval-mm's FID net trains)."""
+    from ..sampling import check_cfg
+
+    if a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
+    if a.steps < 1:
+        raise ValueError(f"--steps must be >= 1 (diffusion steps per AR step), got {a.steps}")
+    check_cfg(a.cfg, (0, 1000))
+
+
 def cmd_t2i(a: argparse.Namespace) -> None:
     from ..images import save_grid
     from ..multimodal.generate import text_to_image
     from ..multimodal.train import load_multimodal
 
+    check_outputs(a.out)
+    check_sampling(a)
+    groups = ints(a.groups, "--groups") if a.groups is not None else None
+    interval = _check_interval(a.cfg_interval)
     model, tok = load_multimodal(a.ckpt, ema=not a.raw)
-    if a.n < 1:
-        raise ValueError(f"--n must be >= 1, got {a.n}")
     prompts = [p for p in a.prompt for _ in range(a.n)]
-    groups = [int(v) for v in a.groups.split(",")] if a.groups else None
-    images = text_to_image(model, tok, prompts, cfg=a.cfg, cfg_interval=_check_interval(a.cfg_interval),
+    images = text_to_image(model, tok, prompts, cfg=a.cfg, cfg_interval=interval,
                            ar_steps=a.ar_steps, groups=groups, order=a.order, steps=a.steps, sampler=a.sampler,
                            seed=a.seed, cache=not a.no_cache)
     save_grid(images, a.out, nrow=a.n, scale=4 if model.cfg.image_size <= 32 else 1)
@@ -140,23 +167,25 @@ def cmd_t2i(a: argparse.Namespace) -> None:
 
 def load_image(path: str, size: int) -> torch.Tensor:
     """A PNG/JPEG -> [3, size, size] in [-1, 1]; refuses other sizes (no silent resizing)."""
-    from PIL import Image
+    from ..data import open_image
 
-    if not Path(path).is_file():
-        raise ValueError(f"image {path} not found")
-    img = Image.open(path).convert("RGB")
+    img = open_image(path, "image").convert("RGB")  # not-an-image / truncated: one line, not a PIL traceback
     if img.size != (size, size):
         raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]}; this model captions {size}x{size} images")
     return torch.from_numpy(np.asarray(img, np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
 
 
 def cmd_caption(a: argparse.Namespace) -> None:
-    from ..multimodal.generate import caption
+    from ..multimodal.generate import caption, check_decoding
     from ..multimodal.train import load_multimodal
 
+    if a.top_k is not None and a.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 (leave it out for all tokens), got {a.top_k}")
+    check_decoding(a.temperature, a.top_k or 0)
     model, tok = load_multimodal(a.ckpt, ema=not a.raw)
     images = torch.stack([load_image(p, model.cfg.image_size) for p in a.image])
-    for path, text in zip(a.image, caption(model, tok, images, temperature=a.temperature, top_k=a.top_k, seed=a.seed)):
+    texts = caption(model, tok, images, temperature=a.temperature, top_k=a.top_k or 0, seed=a.seed)
+    for path, text in zip(a.image, texts):
         print(f"{path}\t{text}")
 
 
@@ -164,6 +193,7 @@ def cmd_eval_mm(a: argparse.Namespace) -> None:
     from ..multimodal.evaluate import ShapesExtractor, evaluate_model
     from ..multimodal.train import load_multimodal
 
+    check_sampling(a)
     model, tok = load_multimodal(a.ckpt)
     ext = ShapesExtractor(model.cfg.image_size) if a.fid else None
     metrics, _, _ = evaluate_model(model, tok, a.split, a.n, cfg=a.cfg, steps=a.steps, ar_steps=a.ar_steps,
@@ -198,7 +228,7 @@ def add_commands(sub) -> None:
     c.add_argument("--ckpt", required=True)
     c.add_argument("--image", action="append", required=True, help="an image of the model's size (repeatable)")
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (default: all)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--raw", action="store_true")
     c.set_defaults(func=cmd_caption)

@@ -6,7 +6,7 @@ import argparse
 import torch
 
 from ..checkpoint import load_model
-from .common import add_sampler_args, parse_classes, sample_options
+from .common import add_sampler_args, check_outputs, finite_images, parse_classes, sample_options
 
 GRID_MAX = 1024  # images in the PNG grid of `sample` (an FID run's 50k would not fit in memory)
 
@@ -20,6 +20,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
     from ..images import save_grid
     from ..sampling import resolve_groups, sample
 
+    check_outputs(a.out, a.npz, a.path_gif)
     env = init_distributed(a.device)  # under torchrun: every rank samples its share, rank 0 writes the files
     model = load_model(a.ckpt, ema=not a.raw, device=a.device)
     ae = run_autoencoder(a.ckpt, a.vae_path, device=a.device)  # latents -> pixels (identity for pixel runs)
@@ -44,8 +45,8 @@ def cmd_sample(a: argparse.Namespace) -> None:
     kw = dict(opts, groups=groups, sampler=a.sampler, eta=a.eta, cfg=a.cfg, seed=a.seed, cache=not a.no_cache,
               block=a.block, dilation=a.dilation)
     t0 = time.perf_counter()
-    arr = sample_in_chunks(a.n, a.batch_size, lambda s, e: decode_in_batches(ae, sample(
-        model, labels[s:e], first_index=s, progress=env.is_main, path=path if s == 0 else None, **kw)), env)
+    arr = sample_in_chunks(a.n, a.batch_size, lambda s, e: finite_images(decode_in_batches(ae, sample(
+        model, labels[s:e], first_index=s, progress=env.is_main, path=path if s == 0 else None, **kw))), env)
     finalize_distributed()
     if arr is None:  # a rank > 0 of torchrun: rank 0 has gathered everything and writes the files
         return

@@ -114,6 +114,10 @@ def cmd_train(a: argparse.Namespace) -> None:
     plan = ARPlanConfig(gamma=a.gamma, fixed_steps=a.ar_steps, order=a.order, block=a.block, dilation=a.dilation,
                         lam=a.lam, weighting=a.weighting, t_per_step=a.t_per_step, t_copies=a.t_copies)
     callbacks = eval_callbacks(a, tc.seed)  # checked before anything is written
+    for cb in callbacks:
+        bad = [st.ar_steps for st in cb.settings if not 1 <= st.ar_steps <= mc.num_tokens]
+        if bad:
+            raise ValueError(f"--eval-ar-steps {bad[0]}: the model has {mc.num_tokens} tokens (1..{mc.num_tokens})")
     trainer = make_trainer(mc, plan, tc, a, dataset)  # Trainer, or DistributedTrainer under torchrun / FSDP2 / accumulation
     if trainer.is_main:
         print(f"model {param_count_str(sum(p.numel() for p in trainer.model.parameters()))} params, "

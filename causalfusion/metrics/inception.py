@@ -244,8 +244,9 @@ def load_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled objects refused by weights_only, ...
-        raise ValueError(f"could not read Inception-v3 weights from {path} ({type(err).__name__}: {err}); "
-                         f"{hint}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""  # torch's text runs to many lines
+        raise ValueError(f"could not read Inception-v3 weights from {path} ({type(err).__name__}: {first}); "
+                         f"{hint}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat {{name: tensor}} state dict; {hint}")
     return _clean_state_dict(state)

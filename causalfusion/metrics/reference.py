@@ -9,6 +9,7 @@ Loaded with ``allow_pickle=False``.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,13 +76,25 @@ def load_reference_stats(path: str | Path) -> ReferenceStats:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics not found: {path}")
-    with np.load(path, allow_pickle=False) as data:
-        missing = {"mu", "sigma"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path} lacks {sorted(missing)}; expected an .npz with 'mu' and 'sigma'")
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-        features = data["features"] if "features" in data.files else None
-        extractor = str(data["extractor"]) if "extractor" in data.files else None
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("a single array, not an .npz archive")
+        with data:
+            missing = {"mu", "sigma"} - set(data.files)
+            if missing:
+                raise ValueError(f"{path} lacks {sorted(missing)}; expected an .npz with 'mu' and 'sigma'")
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+            features = data["features"] if "features" in data.files else None
+            extractor = str(data["extractor"]) if "extractor" in data.files else None
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        # np.load's own text for object arrays invites unpickling: say what is wrong instead
+        why = "holds pickled objects (refused)" if "pickle" in str(e) else str(e).splitlines()[0]
+        raise ValueError(f"{path} is not a reference-statistics .npz: {why}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a [D] / [D, D] pair")
     return ReferenceStats(mu, sigma, features, extractor)

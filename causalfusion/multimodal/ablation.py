@@ -97,16 +97,17 @@ def _train(st: MMSuiteSettings, out: Path, transfusion: bool, plan: ARPlanConfig
 
 
 def _log(out: Path) -> tuple[list[int], list[float], list[float], float]:
-    """(steps, image loss, text loss, approximate training seconds) from a run's log.csv; the time
-    sums (steps since the previous row) / (the row's steps per second)."""
-    steps, img, txt, secs = [], [], [], 0.0
+    """(steps, image loss, text loss, training seconds) from a run's log.csv. ``it_per_s`` is the
+    rate since the process started, so the last row's steps / rate is the training time of a run
+    trained in one go (a resumed run: as if every step ran at the last process's rate)."""
+    steps, img, txt, rate = [], [], [], 1.0
     with open(out / "log.csv") as f:
         for row in csv.DictReader(f):
-            secs += (int(row["step"]) - (steps[-1] if steps else 0)) / max(float(row["it_per_s"]), 1e-9)
             steps.append(int(row["step"]))
             img.append(float(row["image_loss"]))
             txt.append(float(row["text_loss"]))
-    return steps, img, txt, secs
+            rate = max(float(row["it_per_s"]), 1e-9)
+    return steps, img, txt, (steps[-1] if steps else 0) / rate
 
 
 def _figure(path: Path, grids: dict[str, torch.Tensor], curves: dict[str, tuple], per_prompt: int) -> None:

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from ..data import center_crop_resize, image_to_tensor
+from ..data import center_crop_resize, image_to_tensor, open_image
 from .shapes import make_shapes
 
 
@@ -61,9 +60,11 @@ def load_jsonl(path: str | Path, image_size: int = 16) -> CaptionDataset:
         caps = [c for c in caps if isinstance(c, str) and c.strip()]
         if not caps:
             raise ValueError(f"{path}:{i}: no non-empty caption")
-        if not file.is_file():
-            raise ValueError(f"{path}:{i}: image {file} not found")
-        images.append(image_to_tensor(center_crop_resize(Image.open(file), image_size), 3))
+        try:  # a corrupt or truncated image is one line naming the file, not a PIL traceback
+            img = open_image(file, "image")
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: {e}") from None
+        images.append(image_to_tensor(center_crop_resize(img, image_size), 3))
         captions.append(caps)
     if not images:
         raise ValueError(f"{path} holds no captioned images")
@@ -79,6 +80,8 @@ def load_captioned(spec: str, image_size: int | None = None, seed: int = 0) -> C
             n = int(parts[2]) if len(parts) > 2 else (4096 if split == "train" else 512)
         except ValueError:
             raise ValueError(f"bad shapes spec {spec!r}: use shapes:SPLIT:N with N an integer") from None
+        if n < 1:  # an empty set would make the batch stream loop forever
+            raise ValueError(f"bad shapes spec {spec!r}: N must be >= 1 images, got {n}")
         images, caps, objs = make_shapes(split, n, image_size or 16, seed)
         return CaptionDataset(f"shapes:{split}:{n}", images, caps, objs, {"seed": seed})
     if spec.startswith("jsonl:"):
@@ -95,6 +98,8 @@ class CaptionStream:
         """ids [M, T], lens [M]: every caption of ``data`` tokenized, in ``all_captions`` order."""
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if len(data) == 0:  # next() would never fill a batch
+            raise ValueError(f"{data.name} holds no images: nothing to train on")
         self.data, self.ids, self.lens, self.batch_size, self.gen = data, ids, lens, batch_size, generator
         counts = torch.tensor([len(c) for c in data.captions])
         self.first, self.count = torch.cumsum(counts, 0) - counts, counts

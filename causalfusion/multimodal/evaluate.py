@@ -44,10 +44,11 @@ def caption_accuracy(captions: list[str], truth: list[list[Obj]]) -> dict[str, f
     for text, objs in zip(captions, truth):
         pred = parse_caption(text)
         exact.append(pred == set(objs))
-        by_pos = {p: (c, s) for c, s, p in pred}
         for c, s, p in objs:
-            got = by_pos.get(p)
-            attr.append(np.mean([got is not None, got is not None and got[0] == c, got is not None and got[1] == s]))
+            # a caption may name two objects at one position: credit the better one (a dict over the
+            # parsed set would keep whichever the per-process string hash happens to put last)
+            named = [(pc, ps) for pc, ps, pp in pred if pp == p]
+            attr.append(max((np.mean([1, pc == c, ps == s]) for pc, ps in named), default=0.0))
     return {"caption_exact": float(np.mean(exact)), "caption_attribute": float(np.mean(attr))}
 
 
@@ -153,8 +154,12 @@ def evaluate_model(model, tokenizer, split: str = "test", n: int = 256, *, cfg: 
 
     Prompt i is paraphrase i mod 5 of image i's captions. Returns (metrics, generated images
     [n, 3, H, W], generated captions)."""
+    from ..sampling import check_cfg
     from .generate import caption, text_to_image
 
+    if n < 1:  # else torch.cat([]) or make_shapes(-n) fails with a torch message
+        raise ValueError(f"the number of evaluation images must be >= 1, got {n}")
+    check_cfg(cfg, (0, 1000))
     images, caps, objs = make_shapes(split, n, model.cfg.image_size, seed=0)
     prompts = [c[i % len(c)] for i, c in enumerate(caps)]
     gen = torch.cat([text_to_image(model, tokenizer, prompts[s:s + batch_size], cfg=cfg, steps=steps,

@@ -13,14 +13,23 @@ the caption token by token (greedy, or temperature / top-k sampling), one cached
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
 
-from ..sampling import sample
+from ..sampling import check_cfg, sample
 from .model import MultimodalCausalFusion
 from .tokenizer import TextTokenizer
+
+
+def check_decoding(temperature: float, top_k: int) -> None:
+    """NaN/inf temperatures would make softmax NaN (a torch error) or uniform noise (garbage captions)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top-k must be >= 1 (or 0 for all tokens), got {top_k}")
 
 
 class _TextConditioned:
@@ -78,6 +87,7 @@ def text_to_image(model: MultimodalCausalFusion, tokenizer: TextTokenizer, promp
     image model for t in ``cfg_interval``; the rest are ``sampling.sample``'s options."""
     if not prompts:
         raise ValueError("no prompts given")
+    check_cfg(cfg, cfg_interval)
     device = next(model.parameters()).device
     ids = torch.stack([tokenizer.prompt(p, model.text_len) for p in prompts]).to(device)
     view = _TextConditioned(model, ids)
@@ -100,8 +110,7 @@ def caption(model: MultimodalCausalFusion, tokenizer: TextTokenizer, images: tor
     """Images [B, C, H, W] in [-1, 1] -> captions. ``temperature`` 0 is greedy; otherwise sample
     from softmax(logits / temperature), restricted to the ``top_k`` most likely tokens if > 0."""
     check_images(model, images)
-    if temperature < 0 or top_k < 0:
-        raise ValueError(f"temperature and top-k must be >= 0, got {temperature} and {top_k}")
+    check_decoding(temperature, top_k)
     device = next(model.parameters()).device
     b, tl = images.shape[0], model.text_len
     gen = torch.Generator().manual_seed(seed)

@@ -21,6 +21,7 @@ BOS_NAMES = ("<bos>", "<|begin_of_text|>", "<s>", "<|endoftext|>", "[CLS]")
 EOS_NAMES = ("<eos>", "<|end_of_text|>", "</s>", "<|endoftext|>", "[SEP]")
 PAD_NAMES = ("<pad>", "<|finetune_right_pad_id|>", "[PAD]")
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+MIN_BPE_VOCAB = 256 + len(SPECIALS)  # the byte alphabet + the specials: a BPE vocabulary is never smaller
 FILE_NAME = "tokenizer.json"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..trainer import adamw, check_finite, check_precision, check_run_dir, ema_d
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
 from .objective import MixConfig, multimodal_loss
-from .tokenizer import TextTokenizer, train_bpe
+from .tokenizer import MIN_BPE_VOCAB, TextTokenizer, train_bpe
 
 KIND = "multimodal"
 
@@ -55,6 +56,22 @@ class MMTrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def validate(self) -> None:
+        """One clear ValueError for a setting that would crash or hang later (after files are written)."""
+        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.tokenizer is None and self.bpe_vocab < MIN_BPE_VOCAB:  # below it BPE silently keeps the byte alphabet
+            raise ValueError(f"--bpe-vocab must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got {self.bpe_vocab}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"--ema-decay must be in [0, 1], got {self.ema_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"gradient clip must be a finite number > 0, got {self.grad_clip}")
+
 
 @dataclass
 class MMTrainer:
@@ -69,6 +86,7 @@ class MMTrainer:
 
     def __post_init__(self) -> None:
         c = self.cfg
+        c.validate()  # everything here is checked before the first file is written
         check_precision(c.precision, c.device)
         self.mix.validate()
         self.out = Path(c.out)
