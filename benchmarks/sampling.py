@@ -1,6 +1,7 @@
 """Sampling wall time against the number of AR steps S, with and without the KV cache.
 
-The `S` preset (12 layers x 384 wide, 6 heads, 4 class tokens; random weights: timing only) at
+The `S` preset (12 layers x 384 wide, 6 heads; 4 class tokens as in the paper's ablations, or 64
+with --class-tokens 64 as in its system models; random weights: timing only) at
 64 tokens (16x16x4 latents, patch 2) and 256 tokens (32x32x4, the paper's ablation input). For
 each size, in one run: S=1, 2, 4, 8, L with the cache, and S=4 without it. Every AR step gets the
 same number of diffusion steps, as in the paper, so S=4 runs 4x as many model calls as S=1, each on
@@ -12,7 +13,7 @@ FLOP ratio is the hardware (small matmuls, per-call overhead), not the method. P
 table; ``--repeats 0`` prints only the FLOP rows (4 min for the default table, whatever --steps).
 
     python benchmarks/sampling.py [--batch 16] [--steps 20] [--tokens 64,256] [--preset S] [--threads N]
-                                  [--ar-steps 1,2,4,8,L] [--no-cache-at 4]
+                                  [--ar-steps 1,2,4,8,L] [--no-cache-at 4] [--class-tokens 4|64]
 
 ``--ar-steps`` picks the columns (S=1 is always timed: it is the unit), ``--no-cache-at`` the S
 whose uncached reference is timed (0: none). The paper samples with 250 DDPM steps per AR step;
@@ -49,6 +50,8 @@ def timed(model, labels, **kw) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="S")
+    p.add_argument("--class-tokens", type=int, default=4,
+                   help="condition tokens: 4 (the paper's ablation setting) or 64 (its system setting, Tab. 10)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="diffusion steps per AR step")
     p.add_argument("--tokens", default="64,256")
@@ -59,13 +62,14 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {a.preset}, batch {a.batch}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {a.preset}, "
+          f"{a.class_tokens} class tokens, batch {a.batch}, "
           f"{a.steps} DDPM steps per AR step, random order, no CFG, best of {a.repeats} (0: FLOPs only)", flush=True)
     rows = []
     for num_tokens in (int(v) for v in a.tokens.split(",")):
         torch.manual_seed(0)
         cfg = ModelConfig.from_preset(a.preset, image_size=SIZES[num_tokens], in_channels=4, patch_size=2,
-                                      num_classes=1000)
+                                      num_classes=1000, class_tokens=a.class_tokens)
         model = CausalFusion(cfg).eval()
         labels = torch.arange(a.batch) % cfg.num_classes
         kw = dict(steps=a.steps, order="random", seed=0)

@@ -1,8 +1,11 @@
 """The command line: happy paths write what they promise; bad input is one line, exit 2, nothing written."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from causalfusion.cli import main
@@ -52,9 +55,24 @@ def test_params_counts_without_weights(capsys):
     (["train", "--data", "digits", "--precision", "fp16", "--out", "{tmp}/r"], "fp16"),
     (["train", "--data", "folder:{tmp}", "--out", "{tmp}/r", "--image-size", "8"], "no images found"),
     (["train", "--data", "imagenet", "--out", "{tmp}/r"], "unknown dataset"),
+    (["sample", "--ckpt", "{run}", "--n", "1", "--out", "{tmp}/empty_class"], "is a directory"),
+    (["sample", "--ckpt", "{run}", "--n", "1", "--out", "{tmp}/x.png", "--npz", "{tmp}/a_file/x.npz"], "is a file"),
+    (["sample", "--ckpt", "{run}", "--n", "1", "--cfg", "nan", "--out", "{tmp}/x.png"], "finite"),
+    (["sample", "--ckpt", "{run}", "--n", "1", "--device", "tpu", "--out", "{tmp}/x.png"], "unknown device"),
+    (["sample", "--ckpt", "{tmp}/a_file", "--out", "{tmp}/x.png"], "is a file, not a run directory"),
+    (["eval", "--ckpt", "{run}", "--json", "{tmp}/empty_class"], "is a directory"),
+    (["train", "--data", "digits", "--out", "{tmp}/r", "--steps", "0"], "--steps must be >= 1"),
+    (["train", "--data", "digits", "--out", "{tmp}/r", "--ckpt-every", "0", "--steps", "1"], "--ckpt-every must be >= 1"),
+    (["train", "--data", "digits", "--out", "{tmp}/r", "--label-dropout", "2", "--steps", "1"], "--label-dropout"),
+    (["train", "--data", "digits", "--out", "{tmp}/r", "--depth", "0", "--steps", "1"], "model depth must be an integer >= 1"),
+    (["train", "--data", "digits", "--out", "{tmp}/r", "--order", "block", "--block", "0", "--steps", "1"], "block"),
+    (["train", "--data", "digits", "--out", "{tmp}/r", "--eval-every", "1", "--eval-ar-steps", "99", "--steps", "1"], "--eval-ar-steps 99"),
+    (["train", "--data", "digits", "--out", "{tmp}/a_file", "--steps", "1"], "is a file"),
+    (["params", "--patch-size", "0"], "patch_size must be an integer >= 1"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, needle, run_dir, tmp_path, capsys):
     (tmp_path / "empty_class").mkdir()
+    (tmp_path / "a_file").write_text("not a directory")
     argv = [a.format(tmp=tmp_path, run=run_dir) for a in argv]
     before = sorted(p.name for p in tmp_path.rglob("*"))
     assert main(argv) == 2
@@ -71,6 +89,30 @@ def test_corrupt_checkpoint_is_one_line(run_dir, tmp_path, capsys):
     (bad / "ema.safetensors").write_bytes(b"\x00garbage")
     assert main(["sample", "--ckpt", str(bad), "--out", str(tmp_path / "x.png")]) == 2
     assert "corrupt" in one_error_line(capsys)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_checkpoint_json_that_is_not_an_object_and_nan_weights(run_dir, tmp_path, capsys):
+    """A config.json holding a list is one line; NaN weights give no (black) images, one line."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in run_dir.iterdir():
+        if f.is_file():
+            (bad / f.name).write_bytes(f.read_bytes())
+    good_config = (bad / "config.json").read_text()
+    (bad / "config.json").write_text("[1, 2]")
+    assert main(["sample", "--ckpt", str(bad), "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "not an object" in one_error_line(capsys)
+    (bad / "config.json").write_text(good_config)
+    ema = load_file(str(bad / "ema.safetensors"))
+    meta = {"step": json.loads((bad / "state.json").read_text())["step"]}
+    save_file({k: torch.full_like(v, float("nan")) for k, v in ema.items()}, str(bad / "ema.safetensors"),
+              metadata={"step": str(meta["step"])})
+    assert main(["sample", "--ckpt", str(bad), "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]  # (after the progress bar)
+    assert len(errors) == 1 and "NaN or inf" in errors[0]
     assert not (tmp_path / "x.png").exists()
 
 

@@ -295,3 +295,18 @@ def test_inception_missing_or_corrupt_weights(tmp_path):
     torch.save({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}, wrong)
     with pytest.raises(ValueError, match="missing keys"):
         InceptionExtractor(wrong)
+
+
+def test_damaged_reference_files_are_one_clear_line(tmp_path):
+    """A truncated .npz, a bare .npy and an object array each name the file, in one line."""
+    good = tmp_path / "ref.npz"
+    np.savez(good, mu=np.zeros(3), sigma=np.eye(3))
+    (tmp_path / "trunc.npz").write_bytes(good.read_bytes()[:40])
+    np.save(tmp_path / "arr.npy", np.zeros(3))
+    np.savez(tmp_path / "obj.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(1))
+    for name, why in (("trunc.npz", "not a readable .npz"), ("arr.npy", "not an .npz archive"),
+                      ("obj.npz", r"pickled objects \(refused\)")):
+        with pytest.raises(ValueError, match=why) as err:
+            load_reference_stats(tmp_path / name)
+        assert name in str(err.value) and len(str(err.value).splitlines()) == 1
+    assert load_reference_stats(good).mu.shape == (3,)
