@@ -80,12 +80,17 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, needle, run_dir, tmp_pat
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-def test_corrupt_checkpoint_is_one_line(run_dir, tmp_path, capsys):
-    bad = tmp_path / "bad"
-    bad.mkdir()
+def copy_run(run_dir, dst):
+    """A copy of a run directory's files, to damage."""
+    dst.mkdir()
     for f in run_dir.iterdir():
         if f.is_file():
-            (bad / f.name).write_bytes(f.read_bytes())
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_corrupt_checkpoint_is_one_line(run_dir, tmp_path, capsys):
+    bad = copy_run(run_dir, tmp_path / "bad")
     (bad / "ema.safetensors").write_bytes(b"\x00garbage")
     assert main(["sample", "--ckpt", str(bad), "--out", str(tmp_path / "x.png")]) == 2
     assert "corrupt" in one_error_line(capsys)
@@ -96,11 +101,7 @@ def test_checkpoint_json_that_is_not_an_object_and_nan_weights(run_dir, tmp_path
     """A config.json holding a list is one line; NaN weights give no (black) images, one line."""
     from safetensors.torch import load_file, save_file
 
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in run_dir.iterdir():
-        if f.is_file():
-            (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_run(run_dir, tmp_path / "bad")
     good_config = (bad / "config.json").read_text()
     (bad / "config.json").write_text("[1, 2]")
     assert main(["sample", "--ckpt", str(bad), "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
