@@ -56,18 +56,25 @@ class TrainConfig:
 
     def validate(self) -> None:
         """One clear line for a value no run can use (checked before anything is written)."""
-        for name, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("ckpt_every", 1), ("warmup", 0),
-                          ("sample_every", 0), ("sample_steps", 1), ("samples_per_class", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
-            raise ValueError(f"--grad-clip must be > 0 (the paper clips at 1.0), got {self.grad_clip}")
+        check_train_settings(self, sample_every=0, sample_steps=1, samples_per_class=1)
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"--label-dropout must be in [0, 1], got {self.label_dropout}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+
+
+def check_train_settings(cfg, **more_minimums: int) -> None:
+    """What every trainer's config must satisfy (TrainConfig, MMTrainConfig): step counts and
+    intervals >= 1, warmup >= 0, a finite positive lr and clip, EMA decay in [0, 1); ``more_minimums``
+    adds integer fields and their lowest value. ValueError naming the flag."""
+    minimums = dict(steps=1, batch_size=1, log_every=1, ckpt_every=1, warmup=0, **more_minimums)
+    for name, low in minimums.items():
+        if getattr(cfg, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
+        raise ValueError(f"--grad-clip must be a finite number > 0 (the paper clips at 1.0), got {cfg.grad_clip}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
 
 
 # ---- pieces every trainer here shares (Trainer, DistributedTrainer, multimodal MMTrainer) ------

@@ -173,7 +173,7 @@ def test_bad_training_inputs_write_nothing(tmp_path, capsys):
              (["--batch-size", "0"], "--batch-size must be >= 1"),
              (["--bpe-vocab", "0"], "--bpe-vocab must be >= 260"),
              (["--warmup", "-1"], "--warmup must be >= 0"),
-             (["--ema-decay", "nan"], "--ema-decay must be in [0, 1]")]
+             (["--ema-decay", "nan"], "--ema-decay must be in [0, 1)")]
     for i, (flags, match) in enumerate(cases):
         out = tmp_path / f"run{i}"
         _one_line_error(capsys, ["train-mm", "--data", "shapes:train:8", "--out", str(out), "--steps", "1", *TINY, *flags],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,7 +21,8 @@ from ..checkpoint import (CheckpointError, _load_weights, load_training_state, r
                           save_checkpoint, write_config)
 from ..diffusion import Diffusion
 from ..models import ModelConfig
-from ..trainer import adamw, check_finite, check_precision, check_run_dir, ema_decay_at, update_ema, warmup_lr
+from ..trainer import (adamw, check_finite, check_precision, check_run_dir, check_train_settings, ema_decay_at,
+                       update_ema, warmup_lr)
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
 from .objective import MixConfig, multimodal_loss
@@ -58,19 +58,9 @@ class MMTrainConfig:
 
     def validate(self) -> None:
         """One clear ValueError for a setting that would crash or hang later (after files are written)."""
-        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        check_train_settings(self)
         if self.tokenizer is None and self.bpe_vocab < MIN_BPE_VOCAB:  # below it BPE silently keeps the byte alphabet
             raise ValueError(f"--bpe-vocab must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got {self.bpe_vocab}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
-        if not 0 <= self.ema_decay <= 1:
-            raise ValueError(f"--ema-decay must be in [0, 1], got {self.ema_decay}")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
-            raise ValueError(f"gradient clip must be a finite number > 0, got {self.grad_clip}")
 
 
 @dataclass
