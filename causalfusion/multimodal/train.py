@@ -22,7 +22,7 @@ from ..checkpoint import (CheckpointError, _load_weights, load_training_state, r
 from ..diffusion import Diffusion
 from ..models import ModelConfig
 from ..trainer import (adamw, check_finite, check_precision, check_run_dir, check_train_settings, ema_decay_at,
-                       update_ema, warmup_lr)
+                       trim_log, update_ema, warmup_lr)
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
 from .objective import MixConfig, multimodal_loss
@@ -146,6 +146,8 @@ class MMTrainer:
         """Run to ``cfg.steps``; log.csv holds running means of the losses (text over image-first rows)."""
         c, log_path = self.cfg, self.out / "log.csv"
         new_log = not log_path.exists()
+        if not new_log:
+            trim_log(log_path, self.step)  # rows a killed run logged after its last checkpoint
         last: dict[str, float] = {}
         sums = {"loss": 0.0, "image_loss": 0.0, "text_loss": 0.0, "n": 0, "n_text": 0}
         with open(log_path, "a", newline="") as f:
