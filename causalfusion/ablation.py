@@ -260,7 +260,7 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
     ``code`` (git state, source digest) is stored with the result: a reused run keeps the code that
     trained it, which need not be the code of the invocation that reports it; a resumed run keeps
     every code that trained part of it (``code_history``)."""
-    from .checkpoint import load_model, read_json
+    from .checkpoint import load_model
     from .evaluation import evaluate_model
     from .trainer import Trainer
 
@@ -285,11 +285,7 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
             log(f"  {cfg.name}: finished earlier ({out}), reused")
         return {**res, "rows": [done[int(v)] for v in s_eval], "name": cfg.name, "label": cfg.label,
                 "run_dir": str(out), "reused": True}
-    resume = (out / "state.json").is_file()
-    if resume:
-        done = int(read_json(out / "state.json").get("step", 0))
-        if done > steps:
-            raise ValueError(f"{out} is trained to step {done}, beyond the {steps} steps asked: delete it or choose another --out")
+    resume = (out / "state.json").is_file()  # a run trained beyond `steps` is refused by the Trainer
     t0 = time.perf_counter()
     trainer = Trainer(mc, plan_config(cfg, mc.num_tokens), _train_config(st, cfg, out, steps), resume=resume,
                       dataset=dataset)

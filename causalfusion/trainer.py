@@ -117,6 +117,13 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise CheckpointError(f"nothing to resume: {out}/state.json not found")
 
 
+def check_resume_step(out: Path, step: int, steps: int) -> int:
+    """The checkpoint's step, refused when --steps asks for an earlier one (training cannot go back)."""
+    if steps < step:
+        raise CheckpointError(f"cannot resume {out} to --steps {steps}: it is already at step {step}")
+    return step
+
+
 def check_device(device: str) -> torch.device:
     """A device this machine has: 'cpu', 'cuda' or 'cuda:N' (one clear line otherwise)."""
     try:
@@ -192,7 +199,7 @@ class Trainer:
                     if saved.get("model", {}).get(k) != v}
             raise CheckpointError(f"cannot resume {self.out}: model config differs from the checkpoint's (saved, given): {diff}")
         state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
-        self.step = int(state["step"])
+        self.step = check_resume_step(self.out, int(state["step"]), self.cfg.steps)
         self.gen.set_state(extra["gen"])
         self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
 

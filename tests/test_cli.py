@@ -124,6 +124,13 @@ def test_resume_with_other_model_config_is_refused(run_dir, capsys):
     assert (run_dir / "model.safetensors").read_bytes() == before
 
 
+def test_resume_to_an_earlier_step_is_refused(run_dir, capsys):
+    files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert main(["train", "--out", str(run_dir), "--resume", "--steps", "2", "--no-progress"]) == 2
+    assert "already at step 3" in one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files
+
+
 def test_train_into_existing_run_without_resume_is_refused(run_dir, capsys):
     assert main(["train", "--out", str(run_dir), "--steps", "5", *TINY]) == 2
     assert "already holds a checkpoint" in one_error_line(capsys)

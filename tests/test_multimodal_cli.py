@@ -196,8 +196,9 @@ def test_resume_names_a_missing_config_section(run, tmp_path, capsys):
         assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == text
 
 
-def test_resume_drops_log_rows_after_the_checkpoint(run, tmp_path):
-    """A run killed between checkpoints logged steps it trains again: they are not logged twice."""
+def test_resume_drops_log_rows_after_the_checkpoint(run, tmp_path, capsys):
+    """A run killed between checkpoints logged steps it trains again: they are not logged twice;
+    resuming to an earlier step is refused."""
     import shutil
 
     out = shutil.copytree(run, tmp_path / "run")
@@ -205,6 +206,9 @@ def test_resume_drops_log_rows_after_the_checkpoint(run, tmp_path):
     log = out / "log.csv"
     log.write_text(log.read_text() + f"{step + 1},9.99999,9.99999,9.9999,1.000,1.00\n")  # logged, never checkpointed
     assert main(["train-mm", "--out", str(out), "--resume", "--steps", str(step + 1), "--no-progress"]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, ["train-mm", "--out", str(out), "--resume", "--steps", str(step), "--no-progress"],
+                    f"already at step {step + 1}")  # training cannot go back
     rows = [ln.split(",") for ln in log.read_text().splitlines()[1:]]
     steps = [int(r[0]) for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == step + 1

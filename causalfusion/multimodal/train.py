@@ -21,8 +21,8 @@ from ..checkpoint import (CheckpointError, _load_weights, load_training_state, r
                           save_checkpoint, write_config)
 from ..diffusion import Diffusion
 from ..models import ModelConfig
-from ..trainer import (adamw, check_finite, check_precision, check_run_dir, check_train_settings, ema_decay_at,
-                       trim_log, update_ema, warmup_lr)
+from ..trainer import (adamw, check_finite, check_precision, check_resume_step, check_run_dir, check_train_settings,
+                       ema_decay_at, trim_log, update_ema, warmup_lr)
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
 from .objective import MixConfig, multimodal_loss
@@ -110,7 +110,7 @@ class MMTrainer:
             if differ:
                 raise CheckpointError(f"cannot resume {self.out}: {'/'.join(differ)} config differs from the checkpoint's")
             state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
-            self.step = int(state["step"])
+            self.step = check_resume_step(self.out, int(state["step"]), c.steps)
             self.gen.set_state(extra["gen"])
             self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
         else:
