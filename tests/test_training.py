@@ -124,9 +124,11 @@ def test_nan_loss_stops_without_saving(tmp_path):
     assert not (tmp_path / "state.json").exists()
 
 
-def test_fp16_on_cpu_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="fp16"):
-        Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, precision="fp16"))
+def test_fp16_is_refused_on_every_device(tmp_path):
+    """fp16 would need loss scaling (autocast runs only for bf16): refused, never silently fp32."""
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="fp16 is not supported"):
+            Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, precision="fp16", device=device))
 
 
 def test_ema_and_warmup_rules(tmp_path):
