@@ -36,6 +36,11 @@ PAPER_PARAMS = {"in256-ablation": 308e6, "in256-system-L": 368e6, "in256-system-
                 "in512-system-XL": 676e6}
 
 
+def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
+    """Linear scaling rule: ``base_lr`` is the learning rate at ``reference_batch`` images (paper: 1e-4 at 256)."""
+    return base_lr * global_batch / reference_batch
+
+
 @dataclass(frozen=True)
 class PaperConfig:
     name: str
@@ -70,7 +75,7 @@ class PaperConfig:
 
     @property
     def lr(self) -> float:
-        return self.base_lr * self.batch_size / 256
+        return scaled_lr(self.base_lr, self.batch_size)
 
     def steps_per_epoch(self, num_images: int = IMAGENET_TRAIN_IMAGES) -> int:
         return math.ceil(num_images / self.batch_size)
@@ -89,7 +94,7 @@ class PaperConfig:
         spe = math.ceil(num_images / batch)
         return dict(image_size=self.image_size, vae=self.vae, patch_size=self.patch_size, preset=self.model,
                     class_tokens=self.class_tokens, learn_pos=self.learn_pos, gamma=self.gamma, lam=self.lam,
-                    batch_size=batch, lr=self.base_lr * batch / 256, warmup=self.warmup_epochs * spe,
+                    batch_size=batch, lr=scaled_lr(self.base_lr, batch), warmup=self.warmup_epochs * spe,
                     steps=self.epochs * spe,
                     ema_decay=self.ema_decay, ema_warmup=False, label_dropout=self.label_dropout, precision="bf16",
                     sample_every=0, ckpt_every=5000, log_every=100)
@@ -175,7 +180,7 @@ def apply_paper_config(a: argparse.Namespace, given: set[str]) -> PaperConfig | 
         batch = a.batch_size if a.batch_size is not None else None
         if batch is None:
             raise ValueError("--base-lr needs the global batch: pass --batch-size too")
-        a.lr = a.base_lr * batch / 256
+        a.lr = scaled_lr(a.base_lr, batch)
     return cfg
 
 

@@ -99,11 +99,6 @@ def finalize_distributed() -> None:
         dist.destroy_process_group()
 
 
-def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
-    """Linear scaling rule: ``base_lr`` is the learning rate at ``reference_batch`` images (paper: 1e-4 at 256)."""
-    return base_lr * global_batch / reference_batch
-
-
 # ---- model helpers -------------------------------------------------------------------------------
 def enable_grad_checkpointing(model: CausalFusion) -> None:
     """Recompute each transformer block's activations in the backward pass (non-reentrant)."""

@@ -15,7 +15,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,21 +29,11 @@ TRAIN = {"seed": 0, "epochs": 15, "batch_size": 64, "lr": 2e-3, "weight_decay": 
 
 
 def _load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits images [N, 1, 8, 8] in [-1, 1] and labels [N] int64; 80/20 stratified split, random_state=0.
+    """Digits images [N, 1, 8, 8] in [-1, 1] and labels [N]: ``causalfusion.data.load_digits_split``
+    (imported here, not at the top, so importing the metrics package does not import the data module)."""
+    from ..data import load_digits_split
 
-    Same split as ``causalfusion.data.load_digits_split`` (kept private here so the metrics package
-    has no import-time dependency on the data module).
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if split not in ("train", "test"):
-        raise ValueError(f"digits split must be 'train' or 'test', got {split!r}")
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
-    images = torch.from_numpy(x.astype(np.float32)).view(-1, 1, 8, 8) / 16.0 * 2.0 - 1.0
-    return images, torch.from_numpy(y.astype(np.int64))
+    return load_digits_split(split)
 
 
 class DigitsNet(nn.Module):
