@@ -43,3 +43,15 @@ class KVCache:
         if self.length + n > self.max_len:
             raise ValueError(f"KV cache overflow: {self.length + n} tokens > preallocated {self.max_len}")
         self.length += n
+
+    def first_rows(self, rows: int) -> "KVCache":
+        """A cache over the first ``rows`` batch rows, sharing this one's storage (the conditional half
+        of a CFG batch at a step outside the guidance interval). Writes go to the shared tensors;
+        ``commit`` on the view does not move this cache's prefix."""
+        if any(k is None for k in self.keys):
+            raise ValueError("first_rows needs a filled cache (write the prefix first)")
+        view = KVCache(self.num_layers, self.max_len)
+        view.keys = [k[:rows] for k in self.keys]
+        view.values = [v[:rows] for v in self.values]
+        view.length = self.length
+        return view

@@ -142,23 +142,6 @@ def resolve_order(order: str | Sequence[int] | torch.Tensor, batch: int, grid: t
 
 
 # ---- the two ways of running the model on the current group ------------------------------------
-class _RowsView:
-    """The first ``rows`` rows of a KVCache (the conditional half of a CFG batch): same ``write``."""
-
-    def __init__(self, cache: KVCache, rows: int):
-        self.cache, self.rows = cache, rows
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cache
-        end = c.length + k.shape[2]
-        if end > c.max_len:
-            raise ValueError(f"KV cache overflow: {end} tokens > preallocated {c.max_len}")
-        kc, vc = c.keys[layer][: self.rows], c.values[layer][: self.rows]
-        kc[:, :, c.length:end] = k
-        vc[:, :, c.length:end] = v
-        return kc[:, :, :end], vc[:, :, :end]
-
-
 class _CachedRunner:
     """Condition + finished groups live in a preallocated KV cache; each call runs only the group."""
 
@@ -171,7 +154,7 @@ class _CachedRunner:
 
     def eps(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]
-        cache = self.cache if rows == self.rows else _RowsView(self.cache, rows)
+        cache = self.cache if rows == self.rows else self.cache.first_rows(rows)
         h = self.model.embed_tokens(tokens, pos, t)
         return self.model.output(self.model.run_blocks(h, None, cache))
 
