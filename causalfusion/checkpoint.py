@@ -127,18 +127,29 @@ def _load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], pat
         raise CheckpointError(f"{path} does not fit the model in config.json ({first})") from None
 
 
-def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> CausalFusion:
-    """The model of a run directory, EMA weights by default, in eval mode."""
+def read_run_config(run_dir: str | Path) -> dict:
+    """config.json of a run directory, with one clear line when the directory is missing or a file."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         what = "is a file, not a run directory" if run_dir.exists() else "does not exist"
         raise CheckpointError(f"checkpoint directory {run_dir} {what}")
-    config = read_config(run_dir)
+    return read_config(run_dir)
+
+
+def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True) -> torch.nn.Module:
+    """Load a run's EMA (or raw) weights into ``module`` (strict), checked against state.json's step."""
+    run_dir = Path(run_dir)
+    step = read_json(run_dir / "state.json").get("step")
+    path = run_dir / ("ema.safetensors" if ema else "model.safetensors")
+    _load_weights(module, read_tensors(path, step), path)
+    return module
+
+
+def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> CausalFusion:
+    """The model of a run directory, EMA weights by default, in eval mode."""
+    config = read_run_config(run_dir)
     try:
         model = CausalFusion(ModelConfig.from_dict(config["model"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir}/config.json has no valid model config ({e})") from None
-    step = read_json(run_dir / "state.json").get("step")
-    path = run_dir / ("ema.safetensors" if ema else "model.safetensors")
-    _load_weights(model, read_tensors(path, step), path)
-    return model.to(device).eval()
+    return load_weights(run_dir, model, ema).to(device).eval()

@@ -10,7 +10,7 @@
 * CIDEr(-D): pycocoevalcap's scorer (the maintained COCO implementation; pip install
   pycocoevalcap), all paraphrases of an image as references, lower-case word tokens (our
   captions need no PTB tokenizer, so no Java at evaluation time).
-* FID: ``causalfusion.metrics.frechet_distance`` on the 64-d features of ``ShapesExtractor``, a
+* FID: ``causalfusion.metrics.fid_from_features`` on the 64-d features of ``ShapesExtractor``, a
   small CNN trained for a few seconds (seeded, cached) to name each quadrant's object.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..metrics import FeatureExtractor, default_cache_dir, frechet_distance, gaussian_stats
+from ..metrics import FeatureExtractor, default_cache_dir, fid_from_features
 from .shapes import COLOURS, POSITIONS, SHAPES, Obj, chance_exact, detect_objects, make_shapes, parse_caption
 
 
@@ -142,8 +142,7 @@ class ShapesExtractor(FeatureExtractor):
 
 def fid(real: torch.Tensor, fake: torch.Tensor, extractor: FeatureExtractor) -> float:
     """FID between two image sets [N, 3, H, W] in [-1, 1] in ``extractor``'s feature space."""
-    fr, ff = extractor.features(real).numpy(), extractor.features(fake).numpy()
-    return frechet_distance(*gaussian_stats(fr), *gaussian_stats(ff))
+    return fid_from_features(extractor.features(real).numpy(), extractor.features(fake).numpy())
 
 
 # ---- one model on one split -----------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..ar_plan import ARPlanConfig
-from ..checkpoint import (CheckpointError, _load_weights, load_training_state, read_config, read_json, read_tensors,
+from ..checkpoint import (CheckpointError, load_training_state, load_weights, read_config, read_run_config,
                           save_checkpoint, write_config)
 from ..diffusion import Diffusion
 from ..models import ModelConfig
@@ -181,10 +181,7 @@ class MMTrainer:
 
 def load_multimodal(run_dir: str | Path, ema: bool = True, device: str = "cpu") -> tuple[MultimodalCausalFusion, TextTokenizer]:
     """(model in eval mode, its tokenizer) of a run directory written by ``MMTrainer``."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"checkpoint directory {run_dir} does not exist")
-    config = read_config(run_dir)
+    config = read_run_config(run_dir)
     if config.get("kind") != KIND:
         raise CheckpointError(f"{run_dir} is not a multimodal run (train one with `causalfusion train-mm`)")
     tokenizer = TextTokenizer.load(run_dir)
@@ -194,7 +191,4 @@ def load_multimodal(run_dir: str | Path, ema: bool = True, device: str = "cpu") 
         raise CheckpointError(f"{run_dir}/config.json has no valid model/text config ({e})") from None
     if model.text_cfg.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(f"{run_dir}/tokenizer.json has {tokenizer.vocab_size} tokens, the model {model.text_cfg.vocab_size}")
-    step = read_json(run_dir / "state.json").get("step")
-    path = run_dir / ("ema.safetensors" if ema else "model.safetensors")
-    _load_weights(model, read_tensors(path, step), path)
-    return model.to(device).eval(), tokenizer
+    return load_weights(run_dir, model, ema).to(device).eval(), tokenizer
