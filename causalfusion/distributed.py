@@ -37,10 +37,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .ar_plan import sample_plan
 from .checkpoint import save_checkpoint_states
-from .diffusion import denoising_loss
 from .images import save_grid
 from .models import CausalFusion
-from .objective import ar_target, drop_labels
+from .objective import drop_labels, noised_loss
 from .trainer import Trainer, adamw, check_device, check_finite, update_ema
 
 STRATEGIES = ("ddp", "fsdp")
@@ -199,15 +198,9 @@ class DistributedTrainer(Trainer):
     # -- one step ------------------------------------------------------------------------------
     def _rows_loss(self, x0: torch.Tensor, y: torch.Tensor, order: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor, group_sizes: list[int], weights: torch.Tensor) -> torch.Tensor:
-        """``objective.causalfusion_loss`` for rows whose randomness was drawn for the global batch."""
-        m, dev = self.module, x0.device
-        b, k, num_tokens, p = noise.shape
-        x0_tok = m.patchify(x0)
-        t_raster = torch.empty_like(t).scatter_(2, order[:, None, :].expand(b, k, num_tokens), t)
-        xt_tok = self.diffusion.q_sample(x0_tok[:, None].expand(b, k, num_tokens, p), t_raster, noise)
-        xt = m.unpatchify(xt_tok.flatten(0, 1)).view(b, k, *x0.shape[1:])
-        out = self.model(x0, xt, t, y, group_sizes, order)
-        return denoising_loss(out, ar_target(self.diffusion, x0_tok, t, noise, order), weights.to(dev))
+        """``objective.noised_loss`` for rows whose randomness was drawn for the global batch."""
+        return noised_loss(self.module, self.diffusion, x0, y, order, t, noise, group_sizes, weights.to(x0.device),
+                           forward=self.model)
 
     def _sync(self, on: bool):
         if self.fsdp:

@@ -33,18 +33,26 @@ def causalfusion_loss(
     diffusion.check_model(model.cfg.prediction)
     b, device = x0.shape[0], x0.device
     plan = sample_plan(plan_cfg, b, model.cfg.grid, diffusion.num_timesteps, generator)
-    k, num_tokens, p = plan_cfg.t_copies, model.cfg.num_tokens, model.cfg.patch_dim
-    order, t = plan.order.to(device), plan.t.to(device)
+    noise = torch.randn((b, plan_cfg.t_copies, model.cfg.num_tokens, model.cfg.patch_dim), generator=generator)
+    loss = noised_loss(model, diffusion, x0, y, plan.order.to(device), plan.t.to(device), noise.to(device),
+                       plan.group_sizes, plan.weights.to(device))
+    return loss, plan
 
+
+def noised_loss(model: CausalFusion, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
+                t: torch.Tensor, noise: torch.Tensor, group_sizes: list[int], weights: torch.Tensor,
+                forward=None) -> torch.Tensor:
+    """The loss for drawn randomness: x0 [B, C, H, W], y [B], order [B, L], t [B, K, L] (AR order),
+    noise [B, K, L, P] (raster order), weights [B, K, L]. ``forward`` is the callable that runs the
+    model (a DDP/FSDP wrapper of ``model``; default ``model`` itself)."""
+    b, k, num_tokens, p = noise.shape
     # Noise in token space; the plan's t are in AR order, so move them to raster positions first.
     x0_tok = model.patchify(x0)  # [B, L, P]
-    noise = torch.randn((b, k, num_tokens, p), generator=generator).to(device)
     t_raster = torch.empty_like(t).scatter_(2, order[:, None, :].expand(b, k, num_tokens), t)
     xt_tok = diffusion.q_sample(x0_tok[:, None].expand(b, k, num_tokens, p), t_raster, noise)
     xt = model.unpatchify(xt_tok.flatten(0, 1)).view(b, k, *x0.shape[1:])
-
-    out = model(x0, xt, t, y, plan.group_sizes, order)  # [B, K, L, P], AR order
-    return denoising_loss(out, ar_target(diffusion, x0_tok, t, noise, order), plan.weights.to(device)), plan
+    out = (forward or model)(x0, xt, t, y, group_sizes, order)  # [B, K, L, P], AR order
+    return denoising_loss(out, ar_target(diffusion, x0_tok, t, noise, order), weights)
 
 
 def ar_target(diffusion: Diffusion, x0_tok: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
