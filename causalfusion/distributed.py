@@ -29,6 +29,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +38,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .ar_plan import sample_plan
 from .checkpoint import save_checkpoint_states
-from .images import save_grid
 from .models import CausalFusion
 from .objective import drop_labels, noised_loss
 from .trainer import Trainer, adamw, check_device, check_finite, update_ema
@@ -276,20 +276,15 @@ class DistributedTrainer(Trainer):
             save_checkpoint_states(self.out, self.step, model, ema, opt, extra, {"data": self.dataset.name})
         barrier()
 
-    def sample_grid(self, path=None, steps: int | None = None):
-        from .one_step_sampler import sample_one_step
-
+    def sample_grid(self, path: Path | None = None, steps: int | None = None) -> Path | None:
+        """``Trainer.sample_grid`` on rank 0, with the EMA gathered in full first under FSDP."""
         _, ema_state, _ = self._full_states(with_optimizer=False)
         if self.is_main:
             ema = self.ema
             if self.fsdp:
                 ema = CausalFusion(self.model_cfg).to(self.cfg.device)
                 ema.load_state_dict(ema_state)
-            n = self.cfg.samples_per_class
-            labels = torch.arange(self.model_cfg.num_classes).repeat_interleave(n)
-            images = sample_one_step(ema.eval(), labels, steps=steps or self.cfg.sample_steps, seed=self.cfg.seed)
-            path = path or self.out / "samples" / f"step_{self.step:07d}.png"
-            save_grid(images, path, nrow=n, scale=4 if self.model_cfg.image_size <= 16 else 1)
+            path = super().sample_grid(path, steps, ema=ema.eval())
         barrier()
         return path
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .images import make_grid
+from .images import grid_scale, make_grid
 
 PENDING_RGB = (40, 56, 104)  # tokens not generated yet
 BAR_RGB = (230, 120, 30)
@@ -69,12 +69,13 @@ class GenerationPath:
         bar[:, : int(round(progress * pic.shape[1]))] = BAR_RGB
         return np.concatenate([pic, bar], axis=0)
 
-    def save_gif(self, path: str | Path, scale: int = 4, frame_ms: int = 80, hold_ms: int = 2000) -> Path:
-        """Write the frames (then the final images, held) as a looping GIF."""
+    def save_gif(self, path: str | Path, scale: int | None = None, frame_ms: int = 80, hold_ms: int = 2000) -> Path:
+        """Write the frames (then the final images, held) as a looping GIF (``scale`` None: ``grid_scale``)."""
         from PIL import Image
 
         if not self.frames:
             raise ValueError("no frames were recorded (was the path passed to sample()?)")
+        scale = scale or grid_scale(self.frames[0][0].shape[-1])
         pics = [self.render(im, pend, prog, scale) for im, pend, prog in self.frames]
         if self.final is not None:
             pics.append(self.render(self.final, torch.zeros_like(self.frames[-1][1]), 1.0, scale))

@@ -42,7 +42,14 @@ def save_png(picture: np.ndarray, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 1) -> None:
+def grid_scale(side: int) -> int:
+    """Upscaling of saved pictures: 4x for images of 32 px or less (digits, shapes), else 1x."""
+    return 4 if side <= 32 else 1
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int | None = None) -> None:
+    """A PNG grid of images [N, C, H, W] in [-1, 1]; ``scale`` None: ``grid_scale`` of their size."""
+    scale = scale or grid_scale(images.shape[-1])
     save_png(make_grid(images, nrow, scale=scale), path)
 
 

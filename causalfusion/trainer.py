@@ -232,13 +232,13 @@ class Trainer:
         extra = {"gen": self.gen.get_state(), **self.stream.state()}
         save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, extra, {"data": self.dataset.name})
 
-    def sample_grid(self, path: Path | None = None, steps: int | None = None) -> Path:
-        """Class-conditional S=1 samples of the EMA model, one row per class."""
+    def sample_grid(self, path: Path | None = None, steps: int | None = None, ema: torch.nn.Module | None = None) -> Path:
+        """Class-conditional S=1 samples of the EMA model (``ema``: a full copy of it), one row per class."""
         n = self.cfg.samples_per_class
         labels = torch.arange(self.model_cfg.num_classes).repeat_interleave(n)
-        images = sample_one_step(self.ema, labels, steps=steps or self.cfg.sample_steps, seed=self.cfg.seed)
+        images = sample_one_step(ema or self.ema, labels, steps=steps or self.cfg.sample_steps, seed=self.cfg.seed)
         path = path or self.out / "samples" / f"step_{self.step:07d}.png"
-        save_grid(images, path, nrow=n, scale=4 if self.model_cfg.image_size <= 16 else 1)
+        save_grid(images, path, nrow=n)
         return path
 
     def train(self, callbacks: list | None = None) -> dict[str, float]:

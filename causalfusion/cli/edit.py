@@ -66,8 +66,7 @@ def cmd_edit(a: argparse.Namespace) -> None:
                  cfg=cfgs[0], cfg_interval=opts["cfg_interval"], seed=a.seed,
                  first_index=0 if a.image else len(originals),  # generated originals are samples 0..B-1
                  cache=not a.no_cache, block=a.block, dilation=a.dilation, autoencoder=ae, progress=True)
-    scale = 4 if size <= 16 else 1
-    save_grid(edit_figure(originals, pixels, edits, a.n), a.out, nrow=a.n + 2, scale=scale)
+    save_grid(edit_figure(originals, pixels, edits, a.n), a.out, nrow=a.n + 2)
     print(f"wrote {a.out}: {len(originals)} row(s) of original | masked input | {a.n} variation(s)")
     if a.npz:
         save_npz(edits, labels.expand(len(originals)).repeat_interleave(a.n), a.npz)

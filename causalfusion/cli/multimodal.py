@@ -154,7 +154,7 @@ def cmd_t2i(a: argparse.Namespace) -> None:
     images = text_to_image(model, tok, prompts, cfg=a.cfg, cfg_interval=interval,
                            ar_steps=a.ar_steps, groups=groups, order=a.order, steps=a.steps, sampler=a.sampler,
                            seed=a.seed, cache=not a.no_cache)
-    save_grid(images, a.out, nrow=a.n, scale=4 if model.cfg.image_size <= 32 else 1)
+    save_grid(images, a.out, nrow=a.n)
     print(f"wrote {a.out}: {len(a.prompt)} prompt(s) x {a.n} (one row per prompt)")
     if a.check:
         from ..multimodal.shapes import detect_objects, parse_caption

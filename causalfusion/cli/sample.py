@@ -59,14 +59,13 @@ def cmd_sample(a: argparse.Namespace) -> None:
 
         print(f"classifier reads {100 * class_agreement(images, labels[:len(images)]):.1f}% of the samples as the requested digit")
     nrow = a.n // len(classes) if a.n % len(classes) == 0 and len(classes) > 1 else max(1, int(a.n ** 0.5))
-    scale = 4 if model.cfg.image_size <= 16 else 1
-    save_grid(images, a.out, nrow=nrow, scale=scale)
+    save_grid(images, a.out, nrow=nrow)
     print(f"wrote {a.out}")
     if a.npz:
         save_npz_uint8(arr, labels, a.npz)
         print(f"wrote {a.npz} ({a.n} images)")
     if path is not None:
-        path.save_gif(a.path_gif, scale=scale)
+        path.save_gif(a.path_gif)
         print(f"wrote {a.path_gif} ({len(path.frames)} frames of the generation path)")
 
 
