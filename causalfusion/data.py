@@ -31,7 +31,11 @@ def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]
 
 
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
-    """Open and decode an image file; a ValueError (one line) for a missing or damaged one."""
+    """Open and decode an image file; a ValueError (one line) for a missing or damaged one.
+
+    16-bit greyscale (PIL modes ``I;16*`` and ``I``) is rescaled to 8 bits (``L``): PIL's own
+    ``convert("L")`` clips those values at 255 instead, which turns almost every pixel white.
+    Floating-point images (mode ``F``) have no agreed range and are refused."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{what} {p} not found")
@@ -40,6 +44,11 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
         img.load()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{what} {p} is not an image ({type(e).__name__})") from None
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+    elif img.mode == "F":
+        raise ValueError(f"{what} {p} has floating-point pixels (mode F); save it as an 8- or 16-bit image")
     return img
 
 

@@ -113,7 +113,7 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     img = _open_image(path, "image")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif img.mode in ("1", "I", "I;16", "F"):
+    elif img.mode == "1":
         img = img.convert("L")
     bands = len(img.getbands())
     if bands != channels:

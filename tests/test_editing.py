@@ -193,6 +193,13 @@ def test_load_image_checks_size_and_channels(tmp_path):
     assert x.shape == (1, 8, 8) and float(x.min()) == 1.0
     with pytest.raises(ValueError, match="1 channels"):
         load_image(tmp_path / "g.png", 8, 3)
+    ramp = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)  # 16-bit: rescaled, not clipped at 255
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    want = torch.from_numpy(np.rint(ramp / 257.0)).float()[None] / 127.5 - 1
+    assert torch.allclose(load_image(tmp_path / "g16.png", 8, 1), want)
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match="floating-point"):
+        load_image(tmp_path / "f.tif", 8, 1)
 
 
 def test_edit_figure_layout(images):

@@ -73,6 +73,15 @@ def test_jsonl_user_data(tmp_path):
     (tmp_path / "caps.jsonl").write_text(json.dumps({"image": "a.png", "captions": ["dark", "black"]}) + "\n")
     d = load_captioned(f"jsonl:{tmp_path / 'caps.jsonl'}", image_size=8)
     assert d.images.shape == (1, 3, 8, 8) and d.captions == [["dark", "black"]]
+    (tmp_path / "one.jsonl").write_text(json.dumps({"image": "a.png", "captions": "a dark square"}) + "\n")
+    assert load_jsonl(tmp_path / "one.jsonl", 8).captions == [["a dark square"]]  # one caption, not 13 letters
+    (tmp_path / "num.jsonl").write_text(json.dumps({"image": "a.png", "captions": 3}) + "\n")
+    with pytest.raises(ValueError, match="list of strings"):
+        load_jsonl(tmp_path / "num.jsonl", 8)
+    # 16-bit greyscale is rescaled, not clipped at 255 (which made almost every pixel white)
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(tmp_path / "g16.png")
+    (tmp_path / "g16.jsonl").write_text(json.dumps({"image": "g16.png", "caption": "grey"}) + "\n")
+    assert load_jsonl(tmp_path / "g16.jsonl", 8).images.mean().item() == pytest.approx(round(30000 / 257) / 127.5 - 1)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "missing.png", "caption": "x"}) + "\n")
     with pytest.raises(ValueError, match="not found"):
         load_jsonl(tmp_path / "bad.jsonl")

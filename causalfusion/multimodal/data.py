@@ -57,6 +57,10 @@ def load_jsonl(path: str | Path, image_size: int = 16) -> CaptionDataset:
             file = path.parent / rec["image"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{i}: expected {{\"image\": ..., \"caption(s)\": ...}} ({e})") from None
+        if isinstance(caps, str):  # "captions": "a red circle" is one caption, not 12 one-letter ones
+            caps = [caps]
+        if not isinstance(caps, list):
+            raise ValueError(f"{path}:{i}: captions must be a list of strings")
         caps = [c for c in caps if isinstance(c, str) and c.strip()]
         if not caps:
             raise ValueError(f"{path}:{i}: no non-empty caption")
