@@ -252,6 +252,9 @@ def test_caption_cache_matches_teacher_forced_forward(tok, transfusion):
         assert torch.allclose(m.text_logits(h)[:, 0], logits[:, i], atol=1e-4)
     out = caption(m, tok, x, temperature=1.0, top_k=5, seed=0)
     assert out == caption(m, tok, x, temperature=1.0, top_k=5, seed=0) and len(out) == 2
+    # a sampled caption is the image's own: the same alone (at its index) as in the batch
+    assert caption(m, tok, x[1:], temperature=1.0, top_k=5, seed=0, first_index=1) == out[1:]
+    assert out != caption(m, tok, x, temperature=1.0, top_k=5, seed=1)
 
 
 def test_caption_refuses_wrong_size(tok):

@@ -9,7 +9,8 @@ not see the text at all -- their image tokens see only image tokens, i.e. they r
 image model that the image-first sequences train, which is the paper's CFG baseline.
 
 Captioning puts the image in a KV cache (``MultimodalCausalFusion.image_prefix``) and decodes
-the caption token by token (greedy, or temperature / top-k sampling), one cached step per token.
+the caption token by token (greedy, or temperature / top-k sampling with per-image generators),
+one cached step per token.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..sampling import check_cfg, sample
+from ..sampling import check_cfg, sample, sample_generators
 from .model import MultimodalCausalFusion
 from .tokenizer import TextTokenizer
 
@@ -106,14 +107,16 @@ def check_images(model: MultimodalCausalFusion, images: torch.Tensor) -> None:
 
 @torch.no_grad()
 def caption(model: MultimodalCausalFusion, tokenizer: TextTokenizer, images: torch.Tensor, *,
-            temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> list[str]:
+            temperature: float = 0.0, top_k: int = 0, seed: int = 0, first_index: int = 0) -> list[str]:
     """Images [B, C, H, W] in [-1, 1] -> captions. ``temperature`` 0 is greedy; otherwise sample
-    from softmax(logits / temperature), restricted to the ``top_k`` most likely tokens if > 0."""
+    from softmax(logits / temperature), restricted to the ``top_k`` most likely tokens if > 0.
+    Image i draws from its own generator, seeded from (``seed``, ``first_index`` + i) as in
+    ``sampling.sample``, so its caption does not depend on the batch it is in."""
     check_images(model, images)
     check_decoding(temperature, top_k)
     device = next(model.parameters()).device
     b, tl = images.shape[0], model.text_len
-    gen = torch.Generator().manual_seed(seed)
+    gens = sample_generators(seed, range(first_index, first_index + b))
     cache = model.image_prefix(images.to(device), tl)
     tok = torch.full((b, 1), tokenizer.bos, dtype=torch.long, device=device)
     out = torch.empty(b, 0, dtype=torch.long, device=device)
@@ -129,7 +132,8 @@ def caption(model: MultimodalCausalFusion, tokenizer: TextTokenizer, images: tor
             if top_k:
                 kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen).squeeze(1).to(device)
+            probs = logits.softmax(-1).cpu()
+            nxt = torch.cat([torch.multinomial(pr, 1, generator=g) for pr, g in zip(probs, gens)]).to(device)
         nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos), nxt)
         out = torch.cat([out, nxt[:, None]], 1)
         done |= nxt == tokenizer.eos
