@@ -71,6 +71,8 @@ def parse_mask(spec: str | Path | torch.Tensor, size: int, fraction: float | Non
 
     An empty named or file mask is refused (nothing to edit is a mistake there); an all-False
     tensor is accepted (the API's "whole image visible" case)."""
+    if fraction is not None and not (isinstance(spec, str) and spec in REGIONS):
+        raise ValueError("a mask fraction applies to named regions only, not to a mask file or tensor")
     if isinstance(spec, torch.Tensor):
         m = spec
         if m.dtype != torch.bool:
@@ -82,8 +84,6 @@ def parse_mask(spec: str | Path | torch.Tensor, size: int, fraction: float | Non
         return m.bool()  # an all-False tensor is allowed here: nothing is regenerated
     if isinstance(spec, str) and spec in REGIONS:
         return region_mask(spec, size, fraction)
-    if fraction is not None:
-        raise ValueError("a mask fraction applies to named regions only, not to a mask file")
     if isinstance(spec, str) and not Path(spec).exists() and "/" not in spec and "." not in spec:
         raise ValueError(f"unknown mask region {spec!r}; choose one of {', '.join(REGIONS)} or give a PNG mask file")
     m = load_mask_png(spec, size)

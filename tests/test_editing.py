@@ -185,6 +185,9 @@ def test_mask_file_white_is_regenerate(tmp_path):
     Image.fromarray(arr).save(tmp_path / "m.png")
     m = parse_mask(str(tmp_path / "m.png"), 8)
     assert m[:, :3].all() and m.sum() == 24
+    for spec in (str(tmp_path / "m.png"), m):  # a fraction would be silently ignored there
+        with pytest.raises(ValueError, match="named regions only"):
+            parse_mask(spec, 8, fraction=0.5)
 
 
 def test_load_image_checks_size_and_channels(tmp_path):
