@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("tokenizers")  # the `text` extra
 
@@ -213,3 +214,16 @@ def test_resume_drops_log_rows_after_the_checkpoint(run, tmp_path, capsys):
     steps = [int(r[0]) for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == step + 1
     assert rows[-1][1] != "9.99999"
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """2 steps + resume to 4 give the same weights, EMA and optimizer state as 4 steps straight."""
+    from safetensors.torch import load_file
+
+    args = ["--data", "shapes:train:32", *TINY]
+    assert main(["train-mm", "--out", str(tmp_path / "a"), "--steps", "4", *args]) == 0
+    assert main(["train-mm", "--out", str(tmp_path / "b"), "--steps", "2", *args]) == 0
+    assert main(["train-mm", "--out", str(tmp_path / "b"), "--resume", "--steps", "4", "--no-progress"]) == 0
+    for name in ("model", "ema", "train"):
+        a, b = (load_file(str(tmp_path / r / f"{name}.safetensors")) for r in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
