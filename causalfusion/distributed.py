@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .ar_plan import sample_plan
 from .checkpoint import save_checkpoint_states
+from .images import to_uint8
 from .models import CausalFusion
 from .objective import drop_labels, noised_loss
 from .trainer import Trainer, adamw, check_device, check_finite, update_ema
@@ -290,15 +291,8 @@ class DistributedTrainer(Trainer):
 
 
 # ---- sampling ------------------------------------------------------------------------------------
-def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (the ADM evaluator's layout)."""
-    from .images import to_uint8
-
-    return to_uint8(images)
-
-
 def uint8_to_images(arr: np.ndarray) -> torch.Tensor:
-    """The inverse of ``images_to_uint8`` (exact on uint8 values)."""
+    """The inverse of ``images.to_uint8`` (exact on uint8 values)."""
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -321,7 +315,7 @@ def sample_in_chunks(n: int, batch_size: int, sample_fn: Callable[[int, int], to
     bar = tqdm(total=n, desc=f"sampling ({env.world} processes)", disable=not (progress and env.is_main), unit="img")
     for first in range(0, len(chunks), env.world):
         j = first + env.rank
-        mine = images_to_uint8(sample_fn(*chunks[j])) if j < len(chunks) else None
+        mine = to_uint8(sample_fn(*chunks[j])) if j < len(chunks) else None
         if env.active and env.world > 1:
             got = [None] * env.world if env.is_main else None
             dist.gather_object(mine, got, dst=0)
@@ -340,15 +334,3 @@ def sample_in_chunks(n: int, batch_size: int, sample_fn: Callable[[int, int], to
                 bar.update(e - s)
     bar.close()
     return out if env.is_main else None
-
-
-def save_npz_uint8(arr: np.ndarray, labels: torch.Tensor | np.ndarray, path) -> None:
-    """ADM evaluator format: ``arr_0`` uint8 [N, H, W, C] and ``labels`` int64 [N] (atomic write)."""
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    np.savez(tmp, arr_0=arr, labels=labels.astype(np.int64))
-    os.replace(tmp, path)

@@ -265,7 +265,7 @@ class EvalCallback:
         if data.startswith("latents:") and self.ref is None:
             raise ValueError("in-loop evaluation of a latent-cache run needs --eval-ref (reference statistics)")
         dev = trainer.cfg.device
-        self.extractor = make_extractor("digits" if data == "digits" else data, self.inception, dev, self.cache_dir)
+        self.extractor = make_extractor(data, self.inception, dev, self.cache_dir)
         self.reference = reference_stats(data, self.extractor, self.ref, self.cache_dir, trainer.cfg.image_size)
         for st in self.settings:
             if not 1 <= st.ar_steps <= trainer.model_cfg.num_tokens:

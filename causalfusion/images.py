@@ -54,9 +54,15 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int | No
 
 
 def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str | Path) -> None:
-    """ADM evaluator format: ``arr_0`` uint8 [N, H, W, C], ``labels`` int64 [N]."""
+    """Images [N, C, H, W] in [-1, 1] and labels [N] as an ADM evaluator ``.npz``."""
+    save_npz_uint8(to_uint8(images), labels, path)
+
+
+def save_npz_uint8(arr: np.ndarray, labels: torch.Tensor | np.ndarray, path: str | Path) -> None:
+    """ADM evaluator format: ``arr_0`` uint8 [N, H, W, C] and ``labels`` int64 [N] (atomic write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, arr_0=to_uint8(images), labels=labels.cpu().numpy().astype(np.int64))
+    labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    np.savez(tmp, arr_0=arr, labels=labels.astype(np.int64))
     os.replace(tmp, path)

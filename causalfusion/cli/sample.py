@@ -15,9 +15,9 @@ def cmd_sample(a: argparse.Namespace) -> None:
     import time
 
     from ..autoencoders import decode_in_batches, run_autoencoder
-    from ..distributed import finalize_distributed, init_distributed, sample_in_chunks, save_npz_uint8, uint8_to_images
+    from ..distributed import finalize_distributed, init_distributed, sample_in_chunks, uint8_to_images
     from ..generation_path import GenerationPath
-    from ..images import save_grid
+    from ..images import save_grid, save_npz_uint8
     from ..sampling import resolve_groups, sample
 
     check_outputs(a.out, a.npz, a.path_gif)
