@@ -57,12 +57,17 @@ def sample_options(a: argparse.Namespace) -> dict:
     order = a.order
     if order not in ORDERS and any(ch.isdigit() for ch in order):
         order = ints(order, "--order")
-    try:
-        lo, hi = (float(v) for v in a.cfg_interval.split(","))
-    except ValueError:
-        raise ValueError(f"--cfg-interval expects LO,HI (e.g. 0,700), got {a.cfg_interval!r}") from None
     return dict(groups=None if a.groups is None else ints(a.groups, "--groups"), order=order,
-                steps=ints(a.steps, "--steps"), cfg_interval=(lo, hi))
+                steps=ints(a.steps, "--steps"), cfg_interval=parse_interval(a.cfg_interval))
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """--cfg-interval "LO,HI" -> (lo, hi) (the range itself is checked by ``sampling.check_cfg``)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--cfg-interval expects LO,HI (e.g. 0,700), got {text!r}") from None
+    return lo, hi
 
 
 def add_sampler_args(p: argparse.ArgumentParser, what: str = "tokens") -> None:

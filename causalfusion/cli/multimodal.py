@@ -19,7 +19,7 @@ from ..checkpoint import CheckpointError, read_config
 from ..diffusion import PREDICTIONS
 from ..models import PRESETS, ModelConfig
 from ..multimodal.objective import MixConfig
-from .common import check_outputs, ints
+from .common import check_outputs, ints, parse_interval
 
 # The shapes defaults: 16 px RGB, 4x4 patches -> 16 image tokens.
 MM_MODEL = dict(image_size=16, in_channels=3, patch_size=4, num_classes=0, class_tokens=1)
@@ -121,14 +121,6 @@ def cmd_train_mm(a: argparse.Namespace) -> None:
     print(f"done: step {trainer.step}; checkpoint and tokenizer.json in {trainer.out}")
 
 
-def _check_interval(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--cfg-interval expects LO,HI (e.g. 0,700), got {text!r}") from None
-    return lo, hi
-
-
 def check_sampling(a: argparse.Namespace) -> None:
     """t2i/eval-mm's --n, --steps and --cfg, before the checkpoint loads (and eval-mm's FID net trains)."""
     from ..sampling import check_cfg
@@ -148,7 +140,7 @@ def cmd_t2i(a: argparse.Namespace) -> None:
     check_outputs(a.out)
     check_sampling(a)
     groups = ints(a.groups, "--groups") if a.groups is not None else None
-    interval = _check_interval(a.cfg_interval)
+    interval = parse_interval(a.cfg_interval)
     model, tok = load_multimodal(a.ckpt, ema=not a.raw)
     prompts = [p for p in a.prompt for _ in range(a.n)]
     images = text_to_image(model, tok, prompts, cfg=a.cfg, cfg_interval=interval,
