@@ -162,9 +162,16 @@ def test_ablate_cli_errors(capsys, tmp_path):
     assert "exceeds" in capsys.readouterr().err
 
 
-def test_git_state_and_digest():
+def test_git_state_and_digest(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}( \(dirty\))?|unknown.*", git_state())
-    assert source_digest() == source_digest() and len(source_digest()) == 16
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    before = source_digest(tmp_path)
+    assert len(before) == 16 and source_digest(tmp_path) == before
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")  # an edit changes the digest
+    edited = source_digest(tmp_path)
+    (tmp_path / "pkg" / "a.py").rename(tmp_path / "pkg" / "b.py")  # so does a rename
+    assert len({before, edited, source_digest(tmp_path)}) == 3
 
 
 def test_budget_choice_kept_on_resume(cache, tmp_path, monkeypatch):

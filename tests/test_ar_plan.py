@@ -292,6 +292,9 @@ def test_plan_t_copies():
     assert len(torch.unique(plan.t[:, :, 0])) > 1  # copies carry independent timesteps
     plan = sample_plan(ARPlanConfig(t_copies=3, t_per_step=True, fixed_steps=4), 2, (4, 4), 1000, g)
     assert plan.t.shape == (2, 3, 16)
+    for a in range(0, 16, 4):  # every copy: one t per AR step, and the four steps are not all alike
+        assert torch.all(plan.t[..., a:a + 4] == plan.t[..., a:a + 1])
+    assert not torch.all(plan.t == plan.t[..., :1])
 
 
 @pytest.mark.parametrize("S", [1, 2, 4, 8, 16])
