@@ -272,12 +272,18 @@ class CausalFusion(nn.Module):
     def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """S=1: noisy images [B, C, H, W], timesteps [B], labels [B] -> output [B, C, H, W]
         (eps, or v when ``cfg.prediction`` is "v")."""
-        b, num_tokens = xt.shape[0], self.cfg.num_tokens
-        raster = torch.arange(num_tokens, device=xt.device).expand(b, num_tokens)
-        tokens = self.embed_tokens(self.patchify(xt), raster, t[:, None].expand(b, num_tokens))
-        h = torch.cat([self.embed_cond(y), tokens], dim=1)
+        t_tok = t[:, None].expand(xt.shape[0], self.cfg.num_tokens)
+        return self.unpatchify(self.output(self.hidden_one_step(xt, y, t_tok)))
+
+    def hidden_one_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """The S=1 sequence [condition | L image tokens in raster order]: images [B, C, H, W], labels
+        [B], timesteps [B, L] (None: clean tokens, no timestep) -> image-token hidden states [B, L, D].
+        Condition tokens see themselves, image tokens see the condition and each other."""
+        b, num_tokens = x.shape[0], self.cfg.num_tokens
+        raster = torch.arange(num_tokens, device=x.device).expand(b, num_tokens)
+        h = torch.cat([self.embed_cond(y), self.embed_tokens(self.patchify(x), raster, t)], dim=1)
         mask = generalized_causal_mask([num_tokens], self.cfg.num_cond, device=h.device)
-        return self.unpatchify(self.output(self.run_blocks(h, mask)[:, -num_tokens:]))
+        return self.run_blocks(h, mask)[:, -num_tokens:]
 
 
 def num_tokens_before_last(group_sizes: list[int]) -> int:

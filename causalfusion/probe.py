@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .masks import generalized_causal_mask
 from .models import CausalFusion
 
 MODES = ("t0", "clean")
@@ -45,17 +44,10 @@ def pooled_features(model: CausalFusion, images: torch.Tensor, mode: str = "t0",
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
-        b, num_tokens = x.shape[0], c.num_tokens
-        raster = torch.arange(num_tokens, device=device).expand(b, num_tokens)
-        t = torch.zeros(b, num_tokens, device=device) if mode == "t0" else None
-        tokens = model.embed_tokens(model.patchify(x), raster, t)
+        b = x.shape[0]
+        t = torch.zeros(b, c.num_tokens, device=device) if mode == "t0" else None  # None: clean tokens
         null = torch.full((b,), c.num_classes, device=device, dtype=torch.long)
-        h = torch.cat([model.embed_cond(null), tokens], dim=1)
-        # S=1: condition tokens see themselves, image tokens see the condition and each other. The
-        # same mask serves the clean path ([cond | clean tokens of a single step]).
-        mask = generalized_causal_mask([num_tokens], c.num_cond, device=device)
-        h = model.run_blocks(h, mask)[:, -num_tokens:]
-        out.append(h.float().mean(dim=1).cpu())
+        out.append(model.hidden_one_step(x, null, t).float().mean(dim=1).cpu())
     return torch.cat(out).numpy()
 
 
