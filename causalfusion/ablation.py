@@ -20,12 +20,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .ar_plan import ARPlanConfig
+
+if TYPE_CHECKING:  # annotations only; training and evaluation load lazily where they are used
+    from .data import Dataset
+    from .metrics import FeatureExtractor, ReferenceStats
+    from .models import ModelConfig
 
 # ---- suites --------------------------------------------------------------------------------------
 L = "L"  # stands for the number of tokens of the data (16 for digits)
@@ -213,7 +220,8 @@ def _time_eval(st: AblationSettings, cfg: AblationConfig, mc, s_eval, n: int = 5
     return (time.perf_counter() - t0) * st.eval_n / n
 
 
-def choose_steps(st: AblationSettings, suite: Suite, dataset, mc, s_eval, log=print) -> dict:
+def choose_steps(st: AblationSettings, suite: Suite, dataset: Dataset, mc: ModelConfig, s_eval: list[int],
+                 log: Callable[[str], None] = print) -> dict:
     """Training steps per config that fit ``st.budget`` seconds for the whole suite (>= 10)."""
     per_step, per_eval = {}, {}
     for cfg in suite.configs:
@@ -253,8 +261,9 @@ def _record_code(out: Path, code: tuple[str, str], from_step: int) -> list[dict]
     return history
 
 
-def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int, s_eval, dataset, mc, extractor,
-               reference, log=print, code: tuple[str, str] | None = None) -> dict:
+def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int, s_eval: list[int], dataset: Dataset,
+               mc: ModelConfig, extractor: FeatureExtractor, reference: ReferenceStats, log: Callable[[str], None] = print,
+               code: tuple[str, str] | None = None) -> dict:
     """Train (or resume, or reuse) one configuration and evaluate it; returns its result dict.
 
     ``code`` (git state, source digest) is stored with the result: a reused run keeps the code that

@@ -254,6 +254,7 @@ def _short(v):
 
 @torch.no_grad()
 def decode_in_batches(ae: Autoencoder, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Latents [N, c, h, w] -> images [N, C, H, W], ``batch_size`` at a time (bounded memory)."""
     if isinstance(ae, IdentityAutoencoder):
         return ae.decode(latents)
     return torch.cat([ae.decode(latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)])

@@ -26,9 +26,15 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from .autoencoders import DEFAULTS as AE_DEFAULTS
 from .models import PRESETS, ModelConfig, count_parameters
+
+if TYPE_CHECKING:  # annotations only: the trainers load when one is made
+    from .ar_plan import ARPlanConfig
+    from .data import Dataset
+    from .trainer import Trainer, TrainConfig
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # Parameter counts the paper states (Sec. 6, Tab. 8), for comparison in `causalfusion configs`.
@@ -218,7 +224,8 @@ def training_dataset(a: argparse.Namespace, data: str, image_size: int | None, s
     return ds
 
 
-def make_trainer(model_cfg, plan_cfg, train_cfg, a: argparse.Namespace, dataset):
+def make_trainer(model_cfg: ModelConfig, plan_cfg: ARPlanConfig, train_cfg: TrainConfig, a: argparse.Namespace,
+                 dataset: Dataset) -> Trainer:
     """``Trainer`` for a plain single-process run, ``DistributedTrainer`` under torchrun or with
     FSDP2 / accumulation / checkpointing (one process and none of those: the two are identical)."""
     from .distributed import DistributedTrainer, ScaleConfig, launched_by_torchrun

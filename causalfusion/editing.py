@@ -18,11 +18,13 @@ is decoded (so the visible pixels are the VAE's reconstruction of them, not the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from .autoencoders import Autoencoder
 from .edit_masks import parse_mask, token_mask, token_pixels
+from .generation_path import GenerationPath
 from .models import CausalFusion
 from .sampling import sample
 
@@ -72,8 +74,8 @@ def _labels(class_label, batch: int, num_classes: int) -> torch.Tensor:
 def edit(
     model: CausalFusion,
     image: torch.Tensor,
-    mask,
-    class_label,
+    mask: str | Path | torch.Tensor,
+    class_label: int | Sequence[int] | torch.Tensor | None,
     *,
     n: int = 1,
     fraction: float | None = None,
@@ -91,7 +93,7 @@ def edit(
     block: int = 4,
     dilation: int = 2,
     autoencoder: Autoencoder | None = None,
-    path=None,
+    path: GenerationPath | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Regenerate the masked region of ``image`` as ``class_label``, ``n`` variations per image.

@@ -21,12 +21,17 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .metrics import (DigitsExtractor, FeatureExtractor, InceptionExtractor, ReferenceStats, compute_reference_stats,
                       default_cache_dir, evaluate, load_reference_stats, save_reference_stats)
+
+if TYPE_CHECKING:  # annotations only; the modules load lazily where they are used
+    from .autoencoders import Autoencoder
+    from .models import CausalFusion
 
 METRICS = ("fid", "inception_score", "precision", "recall", "accuracy")
 METRIC_NAMES = {"fid": "FID", "inception_score": "IS", "precision": "precision", "recall": "recall",
@@ -156,9 +161,9 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat(-(-n // num_classes))[:n]
 
 
-def sample_uint8(model, labels: torch.Tensor, setting: EvalSetting, seed: int = 0, batch_size: int = 500,
-                 autoencoder=None) -> np.ndarray:
-    """Samples for ``labels`` as uint8 NHWC (decoded through ``autoencoder`` for latent runs)."""
+def sample_uint8(model: CausalFusion, labels: torch.Tensor, setting: EvalSetting, seed: int = 0, batch_size: int = 500,
+                 autoencoder: Autoencoder | None = None) -> np.ndarray:
+    """Samples for ``labels`` [N] as uint8 [N, H, W, C] (decoded through ``autoencoder`` for latent runs)."""
     from .images import to_uint8
     from .sampling import sample
 
@@ -175,8 +180,8 @@ def sample_uint8(model, labels: torch.Tensor, setting: EvalSetting, seed: int = 
     return np.concatenate(out)
 
 
-def evaluate_model(model, settings: list[EvalSetting], extractor: FeatureExtractor, reference: ReferenceStats,
-                   n: int = 2000, seed: int = 0, batch_size: int = 500, autoencoder=None) -> list[dict]:
+def evaluate_model(model: CausalFusion, settings: list[EvalSetting], extractor: FeatureExtractor, reference: ReferenceStats,
+                   n: int = 2000, seed: int = 0, batch_size: int = 500, autoencoder: Autoencoder | None = None) -> list[dict]:
     """One row per setting: the setting's fields, the metrics, and the seconds it took."""
     if n < 2:
         raise ValueError(f"--n must be at least 2, got {n}")

@@ -145,6 +145,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
+        """x [B, N, D] -> [B, N, D]; see ``CausalFusion.run_blocks`` for ``mask`` and ``cache``."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -228,6 +229,8 @@ class CausalFusion(nn.Module):
         return h if t is None else h + self.t_embedder(t)
 
     def run_blocks(self, h: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Hidden states [B, N, D] through every block -> [B, N, D]. ``mask`` bool [N, N] (or [N, prefix + N]),
+        True = may attend; with ``cache`` the keys/values of its prefix are prepended and ours written after it."""
         for i, block in enumerate(self.blocks):
             h = block(h, mask, cache, i)
         return h

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .ar_plan import ORDERS, equal_group_sizes, token_order
 from .diffusion import Diffusion
+from .generation_path import GenerationPath
 from .kv_cache import KVCache
 from .masks import generalized_causal_mask
 from .models import CausalFusion
@@ -234,7 +235,7 @@ def sample(
     cache: bool = True,
     block: int = 4,
     dilation: int = 2,
-    path=None,
+    path: GenerationPath | None = None,
     progress: bool = False,
     known: torch.Tensor | None = None,
     known_tokens: torch.Tensor | None = None,

@@ -90,12 +90,14 @@ class Diffusion:
 
     # ---- sampling (index i into this schedule, i = len-1 .. 0; ``out`` = the model's output) --
     def predict_x0(self, xt: torch.Tensor, i: int, out: torch.Tensor) -> torch.Tensor:
+        """x0 from x_t and the model output at respaced index ``i`` (eps or v); any shape, out like xt."""
         ac = float(self.alphas_cumprod[i])
         if self.prediction == "v":
             return ac ** 0.5 * xt - (1.0 - ac) ** 0.5 * out
         return (xt - (1.0 - ac) ** 0.5 * out) / ac ** 0.5
 
     def predict_eps(self, xt: torch.Tensor, i: int, out: torch.Tensor) -> torch.Tensor:
+        """eps from x_t and the model output at respaced index ``i`` (eps or v); any shape, out like xt."""
         if self.prediction == "eps":
             return out
         ac = float(self.alphas_cumprod[i])

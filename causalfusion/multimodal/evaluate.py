@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from ..metrics import FeatureExtractor, default_cache_dir, fid_from_features
 from .shapes import COLOURS, POSITIONS, SHAPES, Obj, chance_exact, detect_objects, make_shapes, parse_caption
+
+if TYPE_CHECKING:
+    from .model import MultimodalCausalFusion
+    from .tokenizer import TextTokenizer
 
 
 # ---- accuracies -----------------------------------------------------------------------------------
@@ -146,7 +151,7 @@ def fid(real: torch.Tensor, fake: torch.Tensor, extractor: FeatureExtractor) -> 
 
 
 # ---- one model on one split -----------------------------------------------------------------------
-def evaluate_model(model, tokenizer, split: str = "test", n: int = 256, *, cfg: float = 3.0, steps: int = 50,
+def evaluate_model(model: MultimodalCausalFusion, tokenizer: TextTokenizer, split: str = "test", n: int = 256, *, cfg: float = 3.0, steps: int = 50,
                    ar_steps: int | None = None, seed: int = 0, extractor: FeatureExtractor | None = None,
                    batch_size: int = 128) -> tuple[dict[str, float], torch.Tensor, list[str]]:
     """T2I + captioning metrics of ``model`` on ``n`` images of a shapes split (seed 0 data).
