@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .ar_plan import ARPlanConfig
+from .files import write_json
 
 if TYPE_CHECKING:  # annotations only; training and evaluation load lazily where they are used
     from .data import Dataset
@@ -257,7 +258,7 @@ def _record_code(out: Path, code: tuple[str, str], from_step: int) -> list[dict]
     """Append (commit, digest, first step it trains) to ``out/code.json`` before training: a run that
     is interrupted and resumed by other code then names both."""
     history = _read_code(out) + [{"commit": code[0], "source_digest": code[1], "from_step": from_step}]
-    _write_json(out / "code.json", history)
+    write_json(out / "code.json", history)
     return history
 
 
@@ -289,7 +290,7 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
             done.update({r["ar_steps"]: r for r in rows})
             res = {**res, "eval_signature": esig, "rows": [done[k] for k in sorted(done)],
                    "eval_seconds": res["eval_seconds"] + time.perf_counter() - t1}
-            _write_json(res_path, res)
+            write_json(res_path, res)
         else:
             log(f"  {cfg.name}: finished earlier ({out}), reused")
         return {**res, "rows": [done[int(v)] for v in s_eval], "name": cfg.name, "label": cfg.label,
@@ -315,15 +316,8 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
     if history:  # the code that began the run; every invocation that trained steps is in the history
         res["code"] = {k: history[0][k] for k in ("commit", "source_digest")}
         res["code_history"] = history
-    _write_json(res_path, res)
+    write_json(res_path, res)
     return res
-
-
-def _write_json(path: Path, obj) -> None:
-    """Write through a temporary file, so an interrupted write never leaves a truncated file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 def run_suite(name: str, settings: AblationSettings | None = None, out_root: str | Path = "runs/ablate",

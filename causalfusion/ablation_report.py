@@ -6,6 +6,8 @@ import hashlib
 import subprocess
 from pathlib import Path
 
+from .files import atomic_path, write_text
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -100,10 +102,9 @@ def plot_fid(results: list[dict], s_eval, path: Path, title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, ".tmp.png") as tmp:  # savefig picks the format from the extension
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def training_code(results: list[dict], digest: str) -> str:
@@ -188,7 +189,5 @@ def write_report(out: Path, suite, st, results: list[dict], steps: int, s_eval, 
         lines += ["", f"## The paper's numbers (ImageNet 256, FID-10k, {suite.table}) for comparison", ""] + paper
     lines.append("")
     path = out / "report.md"
-    tmp = path.with_name("report.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    write_text(path, "\n".join(lines))
     return path

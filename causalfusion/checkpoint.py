@@ -13,13 +13,13 @@ the step in its metadata, so a checkpoint torn by a crash between renames is det
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .files import atomic_path, write_json
 from .models import CausalFusion, ModelConfig
 
 FILES = ("model.safetensors", "ema.safetensors", "train.safetensors")
@@ -29,16 +29,9 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete, corrupt or does not match."""
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)})
 
 
 def read_json(path: Path) -> dict:
@@ -69,7 +62,7 @@ def read_tensors(path: Path, step: int | None = None) -> dict[str, torch.Tensor]
 
 def write_config(run_dir: str | Path, config: dict) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(Path(run_dir) / "config.json", config)
+    write_json(Path(run_dir) / "config.json", config, sort_keys=True)
 
 
 def read_config(run_dir: str | Path) -> dict:
@@ -96,7 +89,7 @@ def save_checkpoint_states(run_dir: str | Path, step: int, model_state: dict[str
     _atomic_save_tensors(run_dir / "model.safetensors", model_state, step)
     _atomic_save_tensors(run_dir / "ema.safetensors", ema_state, step)
     _atomic_save_tensors(run_dir / "train.safetensors", train, step)
-    _atomic_write_json(run_dir / "state.json", {**meta, "step": step, "param_groups": opt_state["param_groups"]})
+    write_json(run_dir / "state.json", {**meta, "step": step, "param_groups": opt_state["param_groups"]}, sort_keys=True)
 
 
 def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.nn.Module,

@@ -8,12 +8,12 @@ the bottom shows the progress over AR steps x diffusion steps. ``save_gif`` writ
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .files import atomic_path
 from .images import grid_scale, make_grid
 
 PENDING_RGB = (40, 56, 104)  # tokens not generated yet
@@ -83,7 +83,6 @@ class GenerationPath:
         durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
         return path

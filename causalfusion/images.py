@@ -1,12 +1,13 @@
 """Image helpers: [-1, 1] tensors <-> uint8, PNG grids, ADM-style .npz sample files."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .files import atomic_path
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -37,9 +38,8 @@ def save_png(picture: np.ndarray, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def grid_scale(side: int) -> int:
@@ -62,7 +62,6 @@ def save_npz_uint8(arr: np.ndarray, labels: torch.Tensor | np.ndarray, path: str
     """ADM evaluator format: ``arr_0`` uint8 [N, H, W, C] and ``labels`` int64 [N] (atomic write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
     labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    np.savez(tmp, arr_0=arr, labels=labels.astype(np.int64))
-    os.replace(tmp, path)
+    with atomic_path(path, ".tmp.npz") as tmp:  # np.savez appends .npz to any other name
+        np.savez(tmp, arr_0=arr, labels=labels.astype(np.int64))

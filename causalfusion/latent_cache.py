@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .autoencoders import Autoencoder, AutoencoderError, check_same_autoencoder, sample_posterior
 from .data import Dataset
+from .files import atomic_path, write_json
 
 FORMAT = "causalfusion-latent-cache"
 VERSION = 1
@@ -59,12 +59,6 @@ def dataset_fingerprint(ds: Dataset) -> str:
         h.update(ds.images.float().numpy().tobytes())
     h.update(ds.labels.numpy().tobytes())
     return h.hexdigest()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _shard_ok(path: Path, shard: int, count: int, flip: bool, posterior: bool) -> bool:
@@ -130,7 +124,7 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
             return old
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(path, index)
+        write_json(path, index)
     if barrier:
         barrier()
 
@@ -154,9 +148,8 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
             bar.update(len(idx))
         tensors = {k: torch.cat(v).to(DTYPES[dtype]).contiguous() for k, v in parts.items()}
         tensors["labels"] = dataset.labels[s["start"]:s["start"] + s["count"]].clone()
-        tmp = out / (s["file"] + f".tmp{rank}")
-        save_file(tensors, str(tmp), metadata={"shard": str(i), "count": str(s["count"]), "start": str(s["start"])})
-        os.replace(tmp, out / s["file"])
+        with atomic_path(out / s["file"]) as tmp:
+            save_file(tensors, str(tmp), metadata={"shard": str(i), "count": str(s["count"]), "start": str(s["start"])})
     bar.close()
     if barrier:
         barrier()
@@ -165,7 +158,7 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
         if missing:
             raise CacheError(f"{len(missing)} shards still missing in {out} (e.g. {missing[0]}); run cache-latents again")
         index["complete"] = True
-        _write_json(path, index)
+        write_json(path, index)
     if barrier:
         barrier()
     return index

@@ -20,6 +20,7 @@ from .ar_plan import ARPlanConfig, sample_plan
 from .checkpoint import CheckpointError, load_training_state, read_config, save_checkpoint, write_config
 from .data import BatchStream, Dataset, load_dataset
 from .diffusion import Diffusion
+from .files import write_text
 from .images import save_grid
 from .models import CausalFusion, ModelConfig
 from .objective import causalfusion_loss, drop_labels
@@ -289,9 +290,7 @@ def trim_log(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
     if len(keep) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+        write_text(path, "".join(keep))
 
 
 def _tensorboard(out: Path):

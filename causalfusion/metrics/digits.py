@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import atomic_path
 from .extractor import FeatureExtractor, default_cache_dir
 from .preprocess import match_channels, resize
 
@@ -156,13 +156,12 @@ def load_digits_classifier(cache_dir: str | Path | None = None, device: torch.de
     model, meta = train_digits_classifier(device)
     cache.mkdir(parents=True, exist_ok=True)
     # write-then-rename (pid-suffixed temp names) so concurrent runs never read a half-written file;
-    # the JSON goes last and carries the weights' hash, so a mismatched pair is detected and retrained.
-    tmp_w, tmp_m = (p.with_name(f"{p.name}.{os.getpid()}.tmp") for p in (weights, meta_path))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp_w))
-    meta["weights_sha256"] = _sha256(tmp_w)
-    tmp_m.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_w, weights)
-    os.replace(tmp_m, meta_path)
+    # the JSON goes last (the outer context exits last) and carries the weights' hash, so a
+    # mismatched pair is detected and retrained.
+    with atomic_path(meta_path) as tmp_m, atomic_path(weights) as tmp_w:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp_w))
+        meta["weights_sha256"] = _sha256(tmp_w)
+        tmp_m.write_text(json.dumps(meta, indent=2))
     return model, meta, True
 
 

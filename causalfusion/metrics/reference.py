@@ -8,7 +8,6 @@ Loaded with ``allow_pickle=False``.
 """
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_path
 from .extractor import FeatureExtractor
 from .fid import gaussian_stats
 from .preprocess import ImageBatch
@@ -66,9 +66,8 @@ def save_reference_stats(stats: ReferenceStats, path: str | Path) -> None:
         arrays["features"] = np.asarray(stats.features, np.float32)
     if stats.extractor is not None:
         arrays["extractor"] = np.array(stats.extractor)  # unicode dtype, loadable without pickle
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # np.savez appends .npz otherwise
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, ".tmp.npz") as tmp:  # np.savez appends .npz to any other name
+        np.savez(tmp, **arrays)
 
 
 def load_reference_stats(path: str | Path) -> ReferenceStats:

@@ -1,0 +1,27 @@
+"""Atomic writes: a failed write leaves the old file and no temporary behind."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from causalfusion.files import atomic_path, write_json
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "state.json"
+    write_json(path, {"step": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_text('{"step": 2, "trunc')  # half written, then the writer dies
+            raise RuntimeError("killed")
+    assert json.loads(path.read_text()) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_success_replaces_and_suffix_is_kept(tmp_path):
+    path = tmp_path / "x.npz"
+    with atomic_path(path, ".tmp.npz") as tmp:
+        assert tmp.name.endswith(".tmp.npz") and tmp.parent == tmp_path
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["x.npz"]
