@@ -68,6 +68,12 @@ def run_plan(st: MMSuiteSettings, causalfusion_plan: bool) -> ARPlanConfig:
     return ARPlanConfig(gamma=st.gamma) if causalfusion_plan else ARPlanConfig(gamma=0.0, lam=1.0)
 
 
+def _model_config(st: MMSuiteSettings) -> ModelConfig:
+    """The suite's image model: 16 px RGB shapes, no classes (the text is the condition)."""
+    return ModelConfig(image_size=16, in_channels=3, patch_size=st.patch_size, depth=st.depth, hidden_size=st.hidden_size,
+                       num_heads=st.num_heads, num_classes=0, class_tokens=1, prediction=st.prediction)
+
+
 def _train(st: MMSuiteSettings, out: Path, transfusion: bool, plan: ARPlanConfig, log) -> None:
     """Train (or continue) one run to ``st.steps``; a run already there is reused as it is, after
     checking it was trained with this run's caption context and AR plan."""
@@ -85,8 +91,7 @@ def _train(st: MMSuiteSettings, out: Path, transfusion: bool, plan: ARPlanConfig
                                   f"{out.name} run; use another --out")
     if done >= st.steps:
         return
-    mc = ModelConfig(image_size=16, in_channels=3, patch_size=st.patch_size, depth=st.depth, hidden_size=st.hidden_size,
-                     num_heads=st.num_heads, num_classes=0, class_tokens=1, prediction=st.prediction)
+    mc = _model_config(st)
     tc = MMTrainConfig(data="shapes", out=str(out), steps=st.steps, batch_size=st.batch_size, lr=st.lr,
                        warmup=min(100, st.steps // 10), precision=st.precision, seed=st.seed,
                        ckpt_every=max(100, st.steps // 5), progress=st.progress)
@@ -254,9 +259,7 @@ def _seconds_per_step(st: MMSuiteSettings, n: int = 3) -> float:
     from .train import MMTrainConfig, MMTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        mc = ModelConfig(image_size=16, in_channels=3, patch_size=st.patch_size, depth=st.depth,
-                         hidden_size=st.hidden_size, num_heads=st.num_heads, num_classes=0, class_tokens=1)
-        tr = MMTrainer(mc, dict(max_text_len=st.max_text_len), ARPlanConfig(gamma=st.gamma), MixConfig(),
+        tr = MMTrainer(_model_config(st), dict(max_text_len=st.max_text_len), ARPlanConfig(gamma=st.gamma), MixConfig(),
                        MMTrainConfig(data="shapes:train:512", out=tmp, batch_size=st.batch_size,
                                      precision=st.precision, progress=False))
         tr.train_step()  # warm-up
