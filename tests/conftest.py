@@ -37,3 +37,19 @@ def make_tiny_model(seed: int = 0, **overrides) -> CausalFusion:
 @pytest.fixture
 def tiny_model() -> CausalFusion:
     return make_tiny_model()
+
+
+def one_error_line(capsys) -> str:
+    """The CLI's stderr after a refused input: exactly one line (returned)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def save_run(model: CausalFusion, out):
+    """A run directory holding ``model`` (as weights and EMA) at step 1, as the CLI reads it."""
+    from causalfusion.checkpoint import save_checkpoint, write_config
+
+    write_config(out, {"model": model.cfg.to_dict()})
+    save_checkpoint(out, 1, model, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {})
+    return out

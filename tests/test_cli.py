@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from causalfusion.cli import main
+from conftest import one_error_line
 
 TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "4", "--batch-size", "8",
         "--sample-every", "0", "--no-progress", "--log-every", "1"]
@@ -19,12 +20,6 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     assert main(["train", "--data", "digits", "--out", str(out), "--steps", "3", *TINY]) == 0
     return out
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_sample_writes_grid_and_adm_npz(run_dir, tmp_path):

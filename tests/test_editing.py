@@ -15,7 +15,6 @@ from PIL import Image
 
 from causalfusion.ar_plan import ARPlanConfig
 from causalfusion.autoencoders import Autoencoder
-from causalfusion.checkpoint import save_checkpoint, write_config
 from causalfusion.cli import main
 from causalfusion.diffusion import Diffusion
 from causalfusion.edit_masks import REGIONS, load_image, parse_mask, region_mask, token_mask
@@ -23,7 +22,7 @@ from causalfusion.editing import edit, edit_accuracy, edit_figure, edit_region, 
 from causalfusion.models import CausalFusion
 from causalfusion.objective import causalfusion_loss, drop_labels
 from causalfusion.sampling import sample
-from conftest import tiny_config
+from conftest import save_run, tiny_config
 
 TOL = 1e-4
 
@@ -237,10 +236,7 @@ def test_edit_accuracy_rows(model):
 # ---- the command -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_dir(model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    write_config(out, {"model": model.cfg.to_dict()})
-    save_checkpoint(out, 1, model, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {})
-    return out
+    return save_run(model, tmp_path_factory.mktemp("run"))
 
 
 def test_cli_edit_writes_grid_and_npz(run_dir, tmp_path, capsys):

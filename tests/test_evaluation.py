@@ -12,6 +12,7 @@ from causalfusion.data import load_digits_split
 from causalfusion.evaluation import (EvalSetting, balanced_labels, evaluate_checkpoint, evaluate_npz, format_rows,
                                      load_samples_npz, make_extractor, reference_stats)
 from causalfusion.probe import fit_probe, pooled_features, probe_checkpoint
+from conftest import one_error_line
 
 TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "4", "--batch-size", "8", "--sample-every", "0",
         "--no-progress", "--log-every", "1"]
@@ -43,12 +44,6 @@ def run_dir(tmp_path_factory, cache):
 def _digits_u8(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     x, y = load_digits_split(split)
     return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), y.numpy()
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 # ---------------------------------------------------------------- .npz files

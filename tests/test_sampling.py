@@ -14,7 +14,6 @@ from PIL import Image
 
 from causalfusion import sampling
 from causalfusion.ar_plan import ARPlanConfig
-from causalfusion.checkpoint import save_checkpoint, write_config
 from causalfusion.cli import main
 from causalfusion.diffusion import Diffusion
 from causalfusion.generation_path import GenerationPath
@@ -23,7 +22,7 @@ from causalfusion.models import CausalFusion
 from causalfusion.objective import causalfusion_loss, drop_labels
 from causalfusion.one_step_sampler import sample_one_step
 from causalfusion.sampling import resolve_groups, resolve_order, sample
-from conftest import tiny_config
+from conftest import save_run, tiny_config
 
 TOL = 1e-4
 L = 16  # 8x8 images, patch 2
@@ -242,10 +241,7 @@ def test_generation_path_caps_the_frames_for_large_s():
 
 @pytest.fixture(scope="module")
 def run_dir(model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    write_config(out, {"model": model.cfg.to_dict()})
-    save_checkpoint(out, 1, model, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {})
-    return out
+    return save_run(model, tmp_path_factory.mktemp("run"))
 
 
 def test_cli_sample_ar_steps_gif_npz(run_dir, tmp_path, capsys):
