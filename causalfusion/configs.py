@@ -1,6 +1,5 @@
-"""The paper's training configurations by name (Tab. 9 ablations, Tab. 10 system models), and the
-glue that turns ``causalfusion train`` flags into a dataset in the right latent space and a
-(distributed) trainer.
+"""The paper's training configurations by name (Tab. 9 ablations, Tab. 10 system models).
+(``causalfusion.cli.train`` turns them, and explicit flags, into a run.)
 
 ``--config in256-system-XL`` fills in everything the paper fixes; flags given explicitly still
 win. Numbers and where they come from:
@@ -23,18 +22,11 @@ Epochs become steps with ImageNet-1k's 1,281,167 training images (``steps_per_ep
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 from .autoencoders import DEFAULTS as AE_DEFAULTS
 from .models import PRESETS, ModelConfig, count_parameters
-
-if TYPE_CHECKING:  # annotations only: the trainers load when one is made
-    from .ar_plan import ARPlanConfig
-    from .data import Dataset
-    from .trainer import Trainer, TrainConfig
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # Parameter counts the paper states (Sec. 6, Tab. 8), for comparison in `causalfusion configs`.
@@ -142,108 +134,3 @@ def config_table() -> list[dict]:
         rows.append({**asdict(c), "params": n, "paper_params": paper, "diff_pct": 100 * (n - paper) / paper,
                      "tokens": c.num_tokens, "lr": c.lr})
     return rows
-
-
-# ---- `causalfusion train` glue ---------------------------------------------------------------------
-def add_scale_args(p: argparse.ArgumentParser) -> None:
-    """Flags of the latent space, the paper presets and multi-process training."""
-    g = p.add_argument_group("paper presets, latent space and scale")
-    g.add_argument("--config", default=None, choices=list(PAPER_CONFIGS),
-                   help="paper configuration (image size, VAE, patch, model, tokens, positions, γ, λ, lr, batch, warmup, "
-                        "epochs); explicit flags win")
-    g.add_argument("--vae", default=None, choices=["identity", "sd-vae", "kl16"],
-                   help="latent space: identity (pixels, default), sd-vae (8x, 4 ch) or kl16 (16x, 16 ch); "
-                        "with folder data the images are encoded on the fly, latents:DIR data carry their own")
-    g.add_argument("--vae-path", default=None,
-                   help="diffusers AutoencoderKL directory (or a cached Hugging Face repo id); never downloaded")
-    g.add_argument("--base-lr", type=float, default=None, help="learning rate per 256 images: lr = base-lr x batch / 256")
-    g.add_argument("--strategy", default=None, choices=["ddp", "fsdp"],
-                   help="torchrun data parallelism: ddp (default) or fsdp (FSDP2 fully_shard)")
-    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per process and step (default 1)")
-    g.add_argument("--grad-ckpt", action="store_true", default=None, help="gradient (activation) checkpointing")
-
-
-def explicit_dests(argv: list[str], add_args) -> set[str]:
-    """Names of the arguments given on the command line (rather than left at their defaults)."""
-    p = argparse.ArgumentParser(add_help=False)
-    add_args(p)
-    for act in p._actions:
-        act.default = argparse.SUPPRESS
-    ns, _ = p.parse_known_args(argv)
-    return set(vars(ns))
-
-
-def apply_paper_config(a: argparse.Namespace, given: set[str]) -> PaperConfig | None:
-    """Fill in the values of ``--config`` that were not given explicitly; resolve ``--base-lr``."""
-    cfg = None
-    if getattr(a, "config", None):
-        cfg = get_config(a.config)
-        batch = a.batch_size if "batch_size" in given else None
-        for k, v in cfg.train_args(batch_size=batch).items():
-            if k not in given and hasattr(a, k):
-                setattr(a, k, v)
-    if getattr(a, "base_lr", None) is not None and "lr" not in given:
-        batch = a.batch_size if a.batch_size is not None else None
-        if batch is None:
-            raise ValueError("--base-lr needs the global batch: pass --batch-size too")
-        a.lr = scaled_lr(a.base_lr, batch)
-    return cfg
-
-
-def training_dataset(a: argparse.Namespace, data: str, image_size: int | None, saved: dict | None, device: str = "cpu"):
-    """The training ``Dataset`` in its latent space: pixels, a folder encoded on the fly, or a latent cache.
-
-    Refuses (one line) a cache or a VAE that differs from the one the run was started with.
-    """
-    from .autoencoders import (autoencoder_from_spec, check_same_autoencoder, load_autoencoder, resolve_weights,
-                               weights_digest)
-    from .data import load_dataset
-    from .latent_cache import EncodedDataset, open_latent_cache
-
-    kind = getattr(a, "vae", None)
-    path = getattr(a, "vae_path", None)
-    saved_ae = (saved or {}).get("autoencoder")
-    if data.startswith("latents:"):
-        ds = open_latent_cache(data[len("latents:"):], image_size=image_size)
-        if kind is not None:
-            want = {"kind": kind}
-            if path is not None and kind != "identity":
-                want["weights_sha256"] = weights_digest(resolve_weights(path, kind))
-            check_same_autoencoder(ds.autoencoder, want, "cached", "--vae")
-    elif kind not in (None, "identity") or (kind is None and saved_ae and saved_ae.get("kind") != "identity"):
-        base = load_dataset(data, image_size, getattr(a, "channels", None) or 3)
-        if kind is None:
-            ae = autoencoder_from_spec(saved_ae, path, device=device)
-        else:
-            ae = load_autoencoder(kind, path, device=device)
-        ds = EncodedDataset(base, ae)
-    else:
-        ds = load_dataset(data, image_size, getattr(a, "channels", None) or 3)
-    if saved is not None and saved_ae is not None:
-        check_same_autoencoder(saved_ae, getattr(ds, "autoencoder", None), "run's", "given data's")
-    return ds
-
-
-def make_trainer(model_cfg: ModelConfig, plan_cfg: ARPlanConfig, train_cfg: TrainConfig, a: argparse.Namespace,
-                 dataset: Dataset) -> Trainer:
-    """``Trainer`` for a plain single-process run, ``DistributedTrainer`` under torchrun or with
-    FSDP2 / accumulation / checkpointing (one process and none of those: the two are identical)."""
-    from .distributed import DistributedTrainer, ScaleConfig, launched_by_torchrun
-    from .trainer import Trainer
-
-    scale = ScaleConfig(strategy=getattr(a, "strategy", None) or "ddp", grad_accum=getattr(a, "grad_accum", None) or 1,
-                        grad_ckpt=bool(getattr(a, "grad_ckpt", None)))
-    if launched_by_torchrun() or scale != ScaleConfig():
-        return DistributedTrainer(model_cfg, plan_cfg, train_cfg, resume=a.resume, dataset=dataset, scale=scale)
-    return Trainer(model_cfg, plan_cfg, train_cfg, resume=a.resume, dataset=dataset)
-
-
-def finish_paper_config(a: argparse.Namespace, given: set[str], train_cfg, num_images: int) -> None:
-    """Count ``--config``'s warmup and training length (in epochs) on the dataset actually loaded
-    (before it was loaded, ImageNet's 1,281,167 images were assumed)."""
-    if not getattr(a, "config", None):
-        return
-    args = get_config(a.config).train_args(num_images=num_images, batch_size=train_cfg.batch_size)
-    for key in ("warmup", "steps"):
-        if key not in given:
-            setattr(train_cfg, key, args[key])

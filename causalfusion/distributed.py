@@ -36,12 +36,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from .ar_plan import sample_plan
+from .ar_plan import ARPlanConfig, sample_plan
 from .checkpoint import save_checkpoint_states
+from .data import Dataset
 from .images import to_uint8
-from .models import CausalFusion
+from .models import CausalFusion, ModelConfig
 from .objective import drop_labels, noised_loss
-from .trainer import Trainer, adamw, check_device, check_finite, update_ema
+from .trainer import Trainer, TrainConfig, adamw, check_device, check_finite, update_ema
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -288,6 +289,16 @@ class DistributedTrainer(Trainer):
             path = super().sample_grid(path, steps, ema=ema.eval())
         barrier()
         return path
+
+
+def make_trainer(model_cfg: ModelConfig, plan_cfg: ARPlanConfig, train_cfg: TrainConfig, dataset: Dataset,
+                 resume: bool = False, scale: ScaleConfig | None = None) -> Trainer:
+    """``Trainer`` for a plain single-process run, ``DistributedTrainer`` under torchrun or with
+    FSDP2 / accumulation / checkpointing (one process and none of those: the two are identical)."""
+    scale = scale or ScaleConfig()
+    if launched_by_torchrun() or scale != ScaleConfig():
+        return DistributedTrainer(model_cfg, plan_cfg, train_cfg, resume=resume, dataset=dataset, scale=scale)
+    return Trainer(model_cfg, plan_cfg, train_cfg, resume=resume, dataset=dataset)
 
 
 # ---- sampling ------------------------------------------------------------------------------------

@@ -263,6 +263,12 @@ class EvalCallback:
         self._ready = False
         self.history: list[dict] = []
 
+    def check_tokens(self, num_tokens: int) -> None:
+        """Every S_eval fits a model of ``num_tokens`` tokens (the CLI asks before anything is written)."""
+        bad = [st.ar_steps for st in self.settings if not 1 <= st.ar_steps <= num_tokens]
+        if bad:
+            raise ValueError(f"--eval-ar-steps {bad[0]}: the model has {num_tokens} tokens (1..{num_tokens})")
+
     def _setup(self, trainer) -> None:
         from .autoencoders import IdentityAutoencoder, run_autoencoder
 
@@ -272,9 +278,7 @@ class EvalCallback:
         dev = trainer.cfg.device
         self.extractor = make_extractor(data, self.inception, dev, self.cache_dir)
         self.reference = reference_stats(data, self.extractor, self.ref, self.cache_dir, trainer.cfg.image_size)
-        for st in self.settings:
-            if not 1 <= st.ar_steps <= trainer.model_cfg.num_tokens:
-                raise ValueError(f"--eval-ar-steps {st.ar_steps} is not in 1..{trainer.model_cfg.num_tokens}")
+        self.check_tokens(trainer.model_cfg.num_tokens)
         ae = run_autoencoder(trainer.out, device=dev) if trainer.is_main else None
         self.autoencoder = None if ae is None or isinstance(ae, IdentityAutoencoder) else ae
         self.path = Path(trainer.out) / "eval.csv"

@@ -282,3 +282,33 @@ def cache_dataset(data: str, out: str | Path, *, image_size: int | None = None, 
                           barrier=barrier if env.world > 1 else None)
     finalize_distributed()
     return index if env.is_main else None
+
+
+def training_dataset(data: str, image_size: int | None = None, *, vae: str | None = None, vae_path: str | None = None,
+                     saved_autoencoder: dict | None = None, channels: int = 3, device: str = "cpu") -> Dataset:
+    """The training ``Dataset`` in its latent space: pixels, a folder encoded on the fly by ``vae``,
+    or a ``latents:DIR`` cache. ``saved_autoencoder``: the spec a resumed run was started with (its
+    VAE is reloaded when ``vae`` is not given). Refuses (one line) a cache or a VAE that differs
+    from the one the run was started with."""
+    from .autoencoders import autoencoder_from_spec, load_autoencoder, resolve_weights, weights_digest
+    from .data import load_dataset
+
+    if data.startswith("latents:"):
+        ds = open_latent_cache(data[len("latents:"):], image_size=image_size)
+        if vae is not None:
+            want = {"kind": vae}
+            if vae_path is not None and vae != "identity":
+                want["weights_sha256"] = weights_digest(resolve_weights(vae_path, vae))
+            check_same_autoencoder(ds.autoencoder, want, "cached", "--vae")
+    elif vae not in (None, "identity") or (vae is None and saved_autoencoder and saved_autoencoder.get("kind") != "identity"):
+        base = load_dataset(data, image_size, channels)
+        if vae is None:
+            ae = autoencoder_from_spec(saved_autoencoder, vae_path, device=device)
+        else:
+            ae = load_autoencoder(vae, vae_path, device=device)
+        ds = EncodedDataset(base, ae)
+    else:
+        ds = load_dataset(data, image_size, channels)
+    if saved_autoencoder is not None:
+        check_same_autoencoder(saved_autoencoder, getattr(ds, "autoencoder", None), "run's", "given data's")
+    return ds

@@ -162,7 +162,7 @@ def test_paper_configs_and_parameter_counts(capsys):
 
 def test_config_flags_fill_in_and_explicit_flags_win():
     from causalfusion.cli import add_train_args, build_parser
-    from causalfusion.configs import apply_paper_config, explicit_dests
+    from causalfusion.cli.train import apply_paper_config, explicit_dests
 
     def resolve(*argv):
         a = build_parser().parse_args(["train", *argv])

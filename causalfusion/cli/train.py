@@ -6,7 +6,7 @@ from dataclasses import fields
 
 from ..ar_plan import ORDERS, WEIGHTINGS, ARPlanConfig
 from ..checkpoint import read_config
-from ..configs import add_scale_args
+from ..configs import PAPER_CONFIGS, PaperConfig, get_config, scaled_lr
 from ..diffusion import PREDICTIONS
 from ..models import PRESETS, ModelConfig
 from ..trainer import TrainConfig, param_count_str
@@ -61,6 +61,63 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_eval_train_args(p)  # --eval-every and friends (in-loop evaluation)
 
 
+# ---- --config (the paper's configurations), --base-lr, scale flags --------------------------------------
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the latent space, the paper presets and multi-process training."""
+    g = p.add_argument_group("paper presets, latent space and scale")
+    g.add_argument("--config", default=None, choices=list(PAPER_CONFIGS),
+                   help="paper configuration (image size, VAE, patch, model, tokens, positions, γ, λ, lr, batch, warmup, "
+                        "epochs); explicit flags win")
+    g.add_argument("--vae", default=None, choices=["identity", "sd-vae", "kl16"],
+                   help="latent space: identity (pixels, default), sd-vae (8x, 4 ch) or kl16 (16x, 16 ch); "
+                        "with folder data the images are encoded on the fly, latents:DIR data carry their own")
+    g.add_argument("--vae-path", default=None,
+                   help="diffusers AutoencoderKL directory (or a cached Hugging Face repo id); never downloaded")
+    g.add_argument("--base-lr", type=float, default=None, help="learning rate per 256 images: lr = base-lr x batch / 256")
+    g.add_argument("--strategy", default=None, choices=["ddp", "fsdp"],
+                   help="torchrun data parallelism: ddp (default) or fsdp (FSDP2 fully_shard)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per process and step (default 1)")
+    g.add_argument("--grad-ckpt", action="store_true", default=None, help="gradient (activation) checkpointing")
+
+
+def explicit_dests(argv: list[str], add_args) -> set[str]:
+    """Names of the arguments given on the command line (rather than left at their defaults)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_args(p)
+    for act in p._actions:
+        act.default = argparse.SUPPRESS
+    ns, _ = p.parse_known_args(argv)
+    return set(vars(ns))
+
+
+def apply_paper_config(a: argparse.Namespace, given: set[str]) -> PaperConfig | None:
+    """Fill in the values of ``--config`` that were not given explicitly; resolve ``--base-lr``."""
+    cfg = None
+    if getattr(a, "config", None):
+        cfg = get_config(a.config)
+        batch = a.batch_size if "batch_size" in given else None
+        for k, v in cfg.train_args(batch_size=batch).items():
+            if k not in given and hasattr(a, k):
+                setattr(a, k, v)
+    if getattr(a, "base_lr", None) is not None and "lr" not in given:
+        batch = a.batch_size if a.batch_size is not None else None
+        if batch is None:
+            raise ValueError("--base-lr needs the global batch: pass --batch-size too")
+        a.lr = scaled_lr(a.base_lr, batch)
+    return cfg
+
+
+def finish_paper_config(a: argparse.Namespace, given: set[str], train_cfg, num_images: int) -> None:
+    """Count ``--config``'s warmup and training length (in epochs) on the dataset actually loaded
+    (before it was loaded, ImageNet's 1,281,167 images were assumed)."""
+    if not getattr(a, "config", None):
+        return
+    args = get_config(a.config).train_args(num_images=num_images, batch_size=train_cfg.batch_size)
+    for key in ("warmup", "steps"):
+        if key not in given:
+            setattr(train_cfg, key, args[key])
+
+
 def add_eval_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("in-loop evaluation (logged to eval.csv and TensorBoard)")
     g.add_argument("--eval-every", type=int, default=0, help="score the EMA model every N steps (0 = never)")
@@ -92,8 +149,8 @@ def model_config_from_args(a: argparse.Namespace, saved: dict | None, num_classe
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from ..configs import apply_paper_config, explicit_dests, finish_paper_config, make_trainer, training_dataset
-    from ..distributed import finalize_distributed
+    from ..distributed import ScaleConfig, finalize_distributed, make_trainer
+    from ..latent_cache import training_dataset
 
     if a.resume:
         a.config = None  # a resumed run keeps its saved configuration
@@ -107,7 +164,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.image_size is not None:
         train_kw["image_size"] = a.image_size
     tc = TrainConfig.from_dict(train_kw)
-    dataset = training_dataset(a, tc.data, tc.image_size, saved, tc.device)  # pixels, VAE on the fly, or a cache
+    dataset = training_dataset(tc.data, tc.image_size, vae=a.vae, vae_path=a.vae_path, channels=a.channels or 3,
+                               saved_autoencoder=(saved or {}).get("autoencoder"), device=tc.device)
     finish_paper_config(a, given, tc, len(dataset))  # --config: epochs counted on this dataset
     a.image_size = dataset.image_size  # the model's image size is the latent size
     mc = model_config_from_args(a, saved and saved.get("model"), dataset.num_classes, dataset.image_size, dataset.channels)
@@ -115,10 +173,9 @@ def cmd_train(a: argparse.Namespace) -> None:
                         lam=a.lam, weighting=a.weighting, t_per_step=a.t_per_step, t_copies=a.t_copies)
     callbacks = eval_callbacks(a, tc.seed)  # checked before anything is written
     for cb in callbacks:
-        bad = [st.ar_steps for st in cb.settings if not 1 <= st.ar_steps <= mc.num_tokens]
-        if bad:
-            raise ValueError(f"--eval-ar-steps {bad[0]}: the model has {mc.num_tokens} tokens (1..{mc.num_tokens})")
-    trainer = make_trainer(mc, plan, tc, a, dataset)  # Trainer, or DistributedTrainer under torchrun / FSDP2 / accumulation
+        cb.check_tokens(mc.num_tokens)
+    scale = ScaleConfig(strategy=a.strategy or "ddp", grad_accum=a.grad_accum or 1, grad_ckpt=bool(a.grad_ckpt))
+    trainer = make_trainer(mc, plan, tc, dataset, a.resume, scale)  # Trainer, or DistributedTrainer (torchrun, FSDP2, ...)
     if trainer.is_main:
         print(f"model {param_count_str(sum(p.numel() for p in trainer.model.parameters()))} params, "
               f"{mc.num_tokens} tokens, data {dataset.name} ({len(dataset)} images) -> {tc.out}")
