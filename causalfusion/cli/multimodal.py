@@ -1,6 +1,7 @@
 """Multimodal subcommands (train-mm, t2i, caption, eval-mm): parse and call.
 
-``causalfusion ablate --suite multimodal`` lives in ``causalfusion.multimodal.ablation.run_from_args``.
+``causalfusion ablate --suite multimodal`` is parsed in ``cli/evaluate.py`` and runs
+``causalfusion.multimodal.ablation.run_suite``.
 
 ``add_commands(sub)`` registers them on the main ``causalfusion`` parser; errors are ValueErrors
 (or CheckpointErrors) that ``causalfusion.cli.main`` prints as one line.

@@ -252,7 +252,7 @@ def _markdown(st: MMSuiteSettings, res: dict, caps: dict, truths: list[str], png
     return "\n".join(lines) + "\n"
 
 
-def _seconds_per_step(st: MMSuiteSettings, n: int = 3) -> float:
+def seconds_per_step(st: MMSuiteSettings, n: int = 3) -> float:
     """Wall seconds of one training step at these settings (timed on a throwaway run)."""
     import tempfile
 
@@ -267,26 +267,3 @@ def _seconds_per_step(st: MMSuiteSettings, n: int = 3) -> float:
         for _ in range(n):
             tr.train_step()
         return (time.perf_counter() - t0) / n
-
-
-def run_from_args(a, command: str) -> Path:
-    """``causalfusion ablate --suite multimodal``: the shared ablate flags -> this suite.
-
-    ``--steps`` per run, or ``--budget`` seconds for the whole suite (both runs; about 10% is kept
-    for evaluation). The report goes to ``OUT/multimodal/report.md`` with ``multimodal.png``."""
-    st = MMSuiteSettings(batch_size=a.batch_size, lr=a.lr, precision=a.precision, depth=a.depth,
-                         hidden_size=a.hidden_size, num_heads=a.num_heads, seed=a.seed, eval_n=a.eval_n,
-                         eval_steps=a.eval_steps, progress=a.progress)
-    if a.prediction is not None:
-        st.prediction = a.prediction
-    if a.data != "digits" and a.data != "shapes":  # "digits" is the shared default flag value
-        raise ValueError(f"the multimodal suite trains on the built-in captioned 'shapes' data, not {a.data!r}")
-    if a.steps is not None:
-        st.steps = a.steps
-    else:
-        st.steps = max(10, int(0.9 * a.budget / len(RUNS) / _seconds_per_step(st)))
-        print(f"multimodal: budget {a.budget:.0f}s -> {st.steps} steps per run", flush=True)
-    out = Path(a.out) / "multimodal"
-    report = run_suite(out, out / "report.md", st, command, log=lambda m: print(m, flush=True))
-    print(f"wrote {report} and {report.parent / 'multimodal.png'}")
-    return report
