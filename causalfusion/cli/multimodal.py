@@ -19,7 +19,7 @@ from ..ar_plan import ORDERS, ARPlanConfig
 from ..checkpoint import CheckpointError, read_config
 from ..diffusion import PREDICTIONS
 from ..models import PRESETS, ModelConfig
-from ..multimodal.objective import MixConfig
+from ..multimodal.objective import TRANSFUSION_IMAGE_PLAN, MixConfig
 from .common import check_outputs, ints, parse_interval
 
 # The shapes defaults: 16 px RGB, 4x4 patches -> 16 image tokens.
@@ -75,10 +75,10 @@ def configs_from_args(a: argparse.Namespace):
     mc = ModelConfig.from_preset(a.preset, **{**MM_MODEL, "patch_size": a.patch_size, "image_size": a.image_size,
                                                "prediction": a.prediction, **size})
     text = dict(max_text_len=a.max_text_len, tie_head=a.tie_head, transfusion=a.transfusion)
-    # Transfusion trains images with the standard diffusion loss: one AR step, uniform weight
-    gamma = a.gamma if a.gamma is not None else (0.0 if a.transfusion else 0.9)
-    lam = a.lam if a.lam is not None else (1.0 if a.transfusion else 2.0)
-    plan = ARPlanConfig(gamma=gamma, order=a.order, lam=lam)
+    # Transfusion trains images with the standard diffusion loss; explicit --gamma/--lam win
+    defaults = TRANSFUSION_IMAGE_PLAN if a.transfusion else {"gamma": ARPlanConfig.gamma, "lam": ARPlanConfig.lam}
+    given = {k: v for k, v in dict(gamma=a.gamma, lam=a.lam).items() if v is not None}
+    plan = ARPlanConfig(order=a.order, **{**defaults, **given})
     mix = MixConfig(a.image_first_prob, a.text_weight)
     tc = MMTrainConfig(data=a.data, out=a.out, image_size=a.image_size, tokenizer=a.tokenizer, bpe_vocab=a.bpe_vocab,
                        steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay,

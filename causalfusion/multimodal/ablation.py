@@ -26,7 +26,7 @@ import torch
 
 from ..ar_plan import ARPlanConfig
 from ..models import ModelConfig
-from .objective import MixConfig
+from .objective import TRANSFUSION_IMAGE_PLAN, MixConfig
 
 # name -> (captions read the noised image tokens, CausalFusion's AR plan on images)
 RUNS = {"CausalFusion": (False, True), "Transfusion": (True, False), "CausalFusion, noisy captions": (True, True)}
@@ -65,7 +65,7 @@ def run_dir_name(name: str) -> str:
 
 def run_plan(st: MMSuiteSettings, causalfusion_plan: bool) -> ARPlanConfig:
     """The image objective of a run: Sec. 5's AR plan, or plain diffusion (S=1, uniform weight)."""
-    return ARPlanConfig(gamma=st.gamma) if causalfusion_plan else ARPlanConfig(gamma=0.0, lam=1.0)
+    return ARPlanConfig(gamma=st.gamma) if causalfusion_plan else ARPlanConfig(**TRANSFUSION_IMAGE_PLAN)
 
 
 def _model_config(st: MMSuiteSettings) -> ModelConfig:

@@ -20,6 +20,10 @@ from ..ar_plan import ARPlanConfig, sample_plan
 from ..diffusion import Diffusion, denoising_loss
 from .model import MultimodalCausalFusion
 
+# The Transfusion baseline's image objective (paper: "standard diffusion loss for images"): one AR
+# step with full attention in the image (gamma 0 draws S=1 always) and every token weighted 1.
+TRANSFUSION_IMAGE_PLAN = {"gamma": 0.0, "lam": 1.0}
+
 
 @dataclass
 class MixConfig:
