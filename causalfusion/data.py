@@ -143,14 +143,43 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3) ->
     raise ValueError(f"unknown dataset {spec!r}; use 'digits', 'folder:PATH' or 'latents:DIR'")
 
 
-class BatchStream:
-    """Random batches (sampling with a fresh permutation per epoch) driven by one generator."""
+class EpochSampler:
+    """Indices of random batches: a fresh permutation of 0..N-1 per epoch (a batch may span two),
+    drawn from ``generator``; ``state``/``load_state`` make a resumed run draw the same batches."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator):
+    def __init__(self, num_items: int, batch_size: int, generator: torch.Generator, name: str = "the dataset"):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.dataset, self.batch_size, self.gen = dataset, batch_size, generator
+        if num_items < 1:  # next() would never fill a batch
+            raise ValueError(f"{name} holds no images: nothing to train on")
+        self.num_items, self.batch_size, self.gen = num_items, batch_size, generator
         self._perm, self._pos = torch.empty(0, dtype=torch.long), 0
+
+    def next_index(self) -> torch.Tensor:
+        """-> the next batch's indices [B]."""
+        take, need = [], self.batch_size
+        while need > 0:
+            if self._pos >= len(self._perm):
+                self._perm, self._pos = torch.randperm(self.num_items, generator=self.gen), 0
+            chunk = self._perm[self._pos:self._pos + need]
+            self._pos += len(chunk)
+            need -= len(chunk)
+            take.append(chunk)
+        return torch.cat(take)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"perm": self._perm.clone(), "pos": torch.tensor(self._pos)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._perm, self._pos = state["perm"].clone(), int(state["pos"])
+
+
+class BatchStream(EpochSampler):
+    """Random batches of a ``Dataset`` (images, labels), driven by one generator."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator):
+        super().__init__(len(dataset), batch_size, generator, dataset.name)
+        self.dataset = dataset
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> images [B, C, H, W], labels [B]."""
@@ -161,22 +190,7 @@ class BatchStream:
         """Draw the next batch's dataset indices [B], flips [B] (None without flip augmentation) and
         posterior seeds [B] (None unless the dataset samples VAE latents), loading nothing: a
         distributed run draws the global batch on every rank, loads its share."""
-        take = []
-        need = self.batch_size
-        while need > 0:
-            if self._pos >= len(self._perm):
-                self._perm, self._pos = torch.randperm(len(self.dataset), generator=self.gen), 0
-            chunk = self._perm[self._pos:self._pos + need]
-            self._pos += len(chunk)
-            need -= len(chunk)
-            take.append(chunk)
-        index = torch.cat(take)
+        index = self.next_index()
         flip = torch.rand(len(index), generator=self.gen) < 0.5 if self.dataset.flip else None
         seeds = torch.randint(0, 2**62, (len(index),), generator=self.gen) if self.dataset.posterior else None
         return index, flip, seeds
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"perm": self._perm.clone(), "pos": torch.tensor(self._pos)}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._perm, self._pos = state["perm"].clone(), int(state["pos"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import center_crop_resize, image_to_tensor, open_image
+from ..data import EpochSampler, center_crop_resize, image_to_tensor, open_image
 from .shapes import make_shapes
 
 
@@ -93,39 +93,21 @@ def load_captioned(spec: str, image_size: int | None = None, seed: int = 0) -> C
     raise ValueError(f"unknown captioned dataset {spec!r}; use 'shapes', 'shapes:SPLIT:N' or 'jsonl:FILE'")
 
 
-class CaptionStream:
+class CaptionStream(EpochSampler):
     """Random (image, caption) batches: a fresh image permutation per epoch and one of the image's
     captions drawn per use, all from one generator (its state is the whole stream state)."""
 
     def __init__(self, data: CaptionDataset, ids: torch.Tensor, lens: torch.Tensor, batch_size: int,
                  generator: torch.Generator):
         """ids [M, T], lens [M]: every caption of ``data`` tokenized, in ``all_captions`` order."""
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        if len(data) == 0:  # next() would never fill a batch
-            raise ValueError(f"{data.name} holds no images: nothing to train on")
-        self.data, self.ids, self.lens, self.batch_size, self.gen = data, ids, lens, batch_size, generator
+        super().__init__(len(data), batch_size, generator, data.name)
+        self.data, self.ids, self.lens = data, ids, lens
         counts = torch.tensor([len(c) for c in data.captions])
         self.first, self.count = torch.cumsum(counts, 0) - counts, counts
-        self._perm, self._pos = torch.empty(0, dtype=torch.long), 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> images [B, 3, H, W], text ids [B, T], text lengths [B]."""
-        take, need = [], self.batch_size
-        while need > 0:
-            if self._pos >= len(self._perm):
-                self._perm, self._pos = torch.randperm(len(self.data), generator=self.gen), 0
-            chunk = self._perm[self._pos:self._pos + need]
-            self._pos += len(chunk)
-            need -= len(chunk)
-            take.append(chunk)
-        index = torch.cat(take)
+        index = self.next_index()
         pick = (torch.rand(len(index), generator=self.gen) * self.count[index]).long()
         cap = self.first[index] + pick
         return self.data.images[index], self.ids[cap], self.lens[cap]
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"perm": self._perm.clone(), "pos": torch.tensor(self._pos)}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._perm, self._pos = state["perm"].clone(), int(state["pos"])
