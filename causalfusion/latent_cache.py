@@ -107,6 +107,7 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
         "shard_size": shard_size, "shards": plan_shards(len(dataset), shard_size), "complete": False,
     }
     path = out / INDEX
+    fresh, made_dir = world == 1 and not path.exists(), not out.exists()  # what to undo if the first shard fails
     if path.exists():
         old = _read_index(out)
         for key in _SAME:
@@ -134,22 +135,15 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
     done_images = sum(shards[i]["count"] for i in mine if i not in todo)
     bar = tqdm(total=sum(shards[i]["count"] for i in mine), initial=done_images, desc="caching latents",
                disable=not progress or rank != 0, unit="img", dynamic_ncols=True)
-    for i in todo:
-        s = shards[i]
-        parts: dict[str, list[torch.Tensor]] = {}
-        for b0 in range(s["start"], s["start"] + s["count"], batch_size):
-            idx = torch.arange(b0, min(b0 + batch_size, s["start"] + s["count"]))
-            x = dataset.get(idx)
-            for suffix, view in [("", x)] + ([("_flip", x.flip(-1))] if flip else []):
-                mean, std = ae.encode_posterior(view)
-                parts.setdefault("mean" + suffix, []).append(mean)
-                if posterior:
-                    parts.setdefault("std" + suffix, []).append(std)
-            bar.update(len(idx))
-        tensors = {k: torch.cat(v).to(DTYPES[dtype]).contiguous() for k, v in parts.items()}
-        tensors["labels"] = dataset.labels[s["start"]:s["start"] + s["count"]].clone()
-        with atomic_path(out / s["file"]) as tmp:
-            save_file(tensors, str(tmp), metadata={"shard": str(i), "count": str(s["count"]), "start": str(s["start"])})
+    try:
+        for i in todo:
+            _encode_shard(dataset, ae, out, i, shards[i], flip, posterior, dtype, batch_size, bar)
+    except BaseException:  # e.g. a damaged image: a cache this call started and never filled is removed
+        if fresh and not any((out / s["file"]).exists() for s in shards):
+            path.unlink(missing_ok=True)
+            if made_dir and not any(out.iterdir()):
+                out.rmdir()
+        raise
     bar.close()
     if barrier:
         barrier()
@@ -162,6 +156,25 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
     if barrier:
         barrier()
     return index
+
+
+def _encode_shard(dataset: Dataset, ae: Autoencoder, out: Path, i: int, s: dict, flip: bool, posterior: bool,
+                  dtype: str, batch_size: int, bar) -> None:
+    """Encode the images of shard ``i`` (and their flips) and write its safetensors file."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for b0 in range(s["start"], s["start"] + s["count"], batch_size):
+        idx = torch.arange(b0, min(b0 + batch_size, s["start"] + s["count"]))
+        x = dataset.get(idx)
+        for suffix, view in [("", x)] + ([("_flip", x.flip(-1))] if flip else []):
+            mean, std = ae.encode_posterior(view)
+            parts.setdefault("mean" + suffix, []).append(mean)
+            if posterior:
+                parts.setdefault("std" + suffix, []).append(std)
+        bar.update(len(idx))
+    tensors = {k: torch.cat(v).to(DTYPES[dtype]).contiguous() for k, v in parts.items()}
+    tensors["labels"] = dataset.labels[s["start"]:s["start"] + s["count"]].clone()
+    with atomic_path(out / s["file"]) as tmp:
+        save_file(tensors, str(tmp), metadata={"shard": str(i), "count": str(s["count"]), "start": str(s["start"])})
 
 
 def _read_index(root: Path) -> dict:

@@ -225,3 +225,17 @@ def test_torchrun_divides_the_shards_among_processes(world, tmp_path):
     idx, flip = torch.arange(10), torch.arange(10) % 3 == 0
     torch.testing.assert_close(open_latent_cache(out).get(idx, flip), open_latent_cache(world / "cache").get(idx, flip),
                                atol=1e-6, rtol=1e-5)
+
+
+def test_damaged_image_leaves_no_cache_behind(world, tmp_path, capsys):
+    """A damaged source image stops cache-latents with one line; the cache it started is removed."""
+    import shutil
+
+    images = shutil.copytree(world / "images", tmp_path / "images")
+    (images / "cat" / "0.png").write_bytes(b"not a png")
+    out = tmp_path / "c"
+    assert main(["cache-latents", "--data", f"folder:{images}", "--image-size", "16", "--vae", "sd-vae",
+                 "--vae-path", str(world / "vae"), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "0.png" in err[0], err
+    assert not out.exists()
