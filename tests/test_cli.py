@@ -126,6 +126,20 @@ def test_resume_to_an_earlier_step_is_refused(run_dir, capsys):
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--ckpt"], "expected one argument"),
+    (["bogus"], "invalid choice"),
+    (["sample", "--ckpt", "x", "--n", "two"], "invalid int value"),
+    (["train", "--no-such-flag"], "unrecognized arguments"),
+])
+def test_usage_errors_are_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    line = one_error_line(capsys)
+    assert needle in line and "--help" in line
+
+
 def test_train_into_existing_run_without_resume_is_refused(run_dir, capsys):
     assert main(["train", "--out", str(run_dir), "--steps", "5", *TINY]) == 2
     assert "already holds a checkpoint" in one_error_line(capsys)

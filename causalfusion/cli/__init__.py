@@ -15,8 +15,16 @@ from .train import add_train_args
 USER_ERRORS = (ValueError, CheckpointError, OSError, FloatingPointError, KeyError)
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (exit 2), like every other refused input; the usage
+    block is one ``--help`` away. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="causalfusion", description="Causal Diffusion Transformers (CausalFusion)")
+    p = OneLineErrors(prog="causalfusion", description="Causal Diffusion Transformers (CausalFusion)")
     sub = p.add_subparsers(dest="command", required=True)
     for module in (train, sample, info, evaluate, edit):
         module.add_parser(sub)
