@@ -54,19 +54,22 @@ def main() -> None:
                    help="condition tokens: 4 (the paper's ablation setting) or 64 (its system setting, Tab. 10)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="diffusion steps per AR step")
-    p.add_argument("--tokens", default="64,256")
+    p.add_argument("--tokens", default="64,256", help="comma separated, each 64 or 256")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest is kept (0: FLOPs only)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--ar-steps", default="1,2,4,8,L", help="AR step counts to time (L: one token per step)")
     p.add_argument("--no-cache-at", type=int, default=4, help="S of the uncached reference (0: skip it)")
     a = p.parse_args()
+    sizes = [int(v) for v in a.tokens.split(",")]
+    if any(n not in SIZES for n in sizes):
+        raise SystemExit(f"error: --tokens takes {' or '.join(map(str, SIZES))} (comma separated), got {a.tokens}")
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {a.preset}, "
           f"{a.class_tokens} class tokens, batch {a.batch}, "
           f"{a.steps} DDPM steps per AR step, random order, no CFG, best of {a.repeats} (0: FLOPs only)", flush=True)
     rows = []
-    for num_tokens in (int(v) for v in a.tokens.split(",")):
+    for num_tokens in sizes:
         torch.manual_seed(0)
         cfg = ModelConfig.from_preset(a.preset, image_size=SIZES[num_tokens], in_channels=4, patch_size=2,
                                       num_classes=1000, class_tokens=a.class_tokens)

@@ -113,7 +113,8 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise CheckpointError(f"--out {out} is a file, not a run directory")
     has_ckpt = (out / "state.json").exists()
     if has_ckpt and not resume:
-        raise CheckpointError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        raise CheckpointError(f"{out} already holds a checkpoint; pass --resume (Python: resume=True) to continue it "
+                              "or choose another --out")
     if resume and not has_ckpt:
         raise CheckpointError(f"nothing to resume: {out}/state.json not found")
 
