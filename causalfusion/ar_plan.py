@@ -93,8 +93,10 @@ def ar_loss_weights(group_sizes: list[int], lam: float = 2.0, mode: str = "relea
     """Loss weight of every token, in AR order. Shape [L].
 
     ``release`` (default, the official code): a step whose first token has AR index ``start``
-    gets ``λ - (λ-1) * start / L``: λ for the first step, falling linearly towards 1.
-    ``step``: λ at s=1 to exactly 1 at s=S, linear in the step index (λ everywhere when S=1).
+    gets ``λ - (λ-1) * start / L``: λ for the first step, falling linearly towards 1 but never
+    reaching it (two halves of L tokens: 2, then 1.5).
+    ``step`` (the paper's text, Sec. 5): λ at s=1 to exactly 1 at s=S, linear in the step index
+    (λ everywhere when S=1).
     """
     num_tokens, num_steps = sum(group_sizes), len(group_sizes)
     starts = torch.tensor([0] + list(group_sizes[:-1])).cumsum(0).double()
@@ -137,11 +139,16 @@ class ARPlanConfig:
     t_copies: int = 1
 
     def validate(self, num_tokens: int) -> None:
-        ar_step_probs(num_tokens, self.gamma)
+        """One clear ValueError for a plan no batch of ``num_tokens`` tokens can use."""
+        ar_step_probs(num_tokens, self.gamma)  # called for its check of gamma
         if self.fixed_steps and not 1 <= self.fixed_steps <= num_tokens:
             raise ValueError(f"--ar-steps must be in 1..{num_tokens} (tokens per image), got {self.fixed_steps}")
         if self.order not in ORDERS:
             raise ValueError(f"unknown token order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if self.order == "block" and self.block < 1:
+            raise ValueError(f"block size must be >= 1, got {self.block}")
+        if self.order == "dilated" and self.dilation < 1:
+            raise ValueError(f"dilation must be >= 1, got {self.dilation}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown AR weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         if self.lam < 1.0:

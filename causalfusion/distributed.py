@@ -202,7 +202,7 @@ class DistributedTrainer(Trainer):
                    noise: torch.Tensor, group_sizes: list[int], weights: torch.Tensor) -> torch.Tensor:
         """``objective.noised_loss`` for rows whose randomness was drawn for the global batch."""
         return noised_loss(self.module, self.diffusion, x0, y, order, t, noise, group_sizes, weights.to(x0.device),
-                           forward=self.model)
+                           run_model=self.model)
 
     def _sync(self, on: bool):
         if self.fsdp:

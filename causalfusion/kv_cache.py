@@ -1,10 +1,11 @@
 """A preallocated per-layer key/value cache for next-token(s) diffusion.
 
 At inference the prefix (condition tokens, then the clean tokens of every finished AR step) never
-changes while later steps are denoised, so its keys/values are computed once. With the cache no
-attention mask is needed at all: the tokens being processed may see the whole prefix and each
-other, which is exactly the generalized causal rule for both the noisy tokens of the current step
-and the clean tokens of a step being appended.
+changes while later steps are denoised, so its keys/values are computed once. For class
+conditioning the cache needs no attention mask at all: the tokens being processed may see the
+whole prefix and each other, which is exactly the generalized causal rule for both the noisy
+tokens of the current step and the clean tokens of a step being appended. (Text prompts add one:
+the null rows of a CFG batch must not see the prompt, see ``multimodal.generate``.)
 
 ``write`` puts the new keys/values in the slots right after the prefix and returns views of
 prefix + new (no ``torch.cat``): noisy tokens of the current step overwrite the same slots at

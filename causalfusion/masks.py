@@ -2,7 +2,7 @@
 
 Training sequence layout (one row per token, N tokens in all)::
 
-    [ C condition | clean tokens of AR steps 1..S-1 | noisy tokens of AR steps 1..S ] x copies
+    [ C condition | clean of AR steps 1..S-1 | noisy of steps 1..S (copy 1) | ... | noisy 1..S (copy K) ]
 
 The clean tokens of the last AR step are never looked at by anybody, so they are dropped:
 N = C + (L - |k_S|) + K * L, with K the number of noisy copies (Tab. 7's "K x t per AR step":
@@ -14,6 +14,12 @@ Rules (True = may attend, the ``scaled_dot_product_attention`` convention):
 * clean of step s -> condition, clean of steps <= s (full attention inside a step);
 * noisy of step s -> condition, clean of steps < s, noisy of step s of the *same* copy;
 * nobody attends to a noisy token of another step (or of another copy).
+
+Reading Algorithm 1 next to ``generalized_causal_mask``: the paper's listing returns 1 = *masked*
+(this code returns True = may attend); its ``ctx_len`` is the clean tokens (it has no class
+tokens, which here come first and are seen by everybody); and it draws the cut points itself,
+which here is ``ar_plan.random_group_sizes`` (one split per batch). Fig. 6 (3 AR steps of 2, 2
+and 3 tokens) is ``generalized_causal_mask([2, 2, 3], num_cond=0)``.
 """
 from __future__ import annotations
 

@@ -176,6 +176,9 @@ class CausalFusion(nn.Module):
         d = cfg.hidden_size
         self.input_proj = nn.Linear(cfg.patch_dim, d)  # shared by clean and noisy tokens
         self.t_embedder = TimestepEmbedder(d)
+        # One row per class holds its C class tokens side by side; the extra last row is the null
+        # class of classifier-free guidance. With class_repeat > 1 the tokens are repeated and
+        # cond_pos tells the copies apart (C = num_cond = class_tokens x class_repeat, Tab. 8).
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.class_tokens * d)
         self.cond_pos = nn.Parameter(torch.zeros(cfg.num_cond, d))
         pos = sincos_pos_embed_2d(d, cfg.grid)
@@ -236,7 +239,7 @@ class CausalFusion(nn.Module):
         return h
 
     def output(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, n, D] -> predicted noise tokens [B, n, P]."""
+        """Hidden states [B, n, D] -> the model's output tokens [B, n, P] (eps, or v with ``prediction="v"``)."""
         return self.head(self.final_norm(h))
 
     # ---- training forward (Alg. 1 layout) ----------------------------------------------------
@@ -249,11 +252,11 @@ class CausalFusion(nn.Module):
         group_sizes: list[int],
         order: torch.Tensor,
     ) -> torch.Tensor:
-        """Predict the noise of every noisy token.
+        """Predict the noise (or v) of every noisy token.
 
         x0: clean images [B, C, H, W]; xt: K noisy versions [B, K, C, H, W]; t: [B, K, L]
         timesteps in AR order; y: [B]; order: [B, L] raster index of each AR position.
-        Returns eps tokens [B, K, L, P] in AR order.
+        Returns output tokens [B, K, L, P] in AR order (eps, or v with ``prediction="v"``).
         """
         b, k = xt.shape[:2]
         if sum(group_sizes) != self.cfg.num_tokens:

@@ -6,6 +6,8 @@ under the generalized causal mask, and average the AR-weighted squared error.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .ar_plan import ARPlan, ARPlanConfig, sample_plan
@@ -41,17 +43,19 @@ def causalfusion_loss(
 
 def noised_loss(model: CausalFusion, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
                 t: torch.Tensor, noise: torch.Tensor, group_sizes: list[int], weights: torch.Tensor,
-                forward=None) -> torch.Tensor:
+                run_model: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """The loss for drawn randomness: x0 [B, C, H, W], y [B], order [B, L], t [B, K, L] (AR order),
-    noise [B, K, L, P] (raster order), weights [B, K, L]. ``forward`` is the callable that runs the
-    model (a DDP/FSDP wrapper of ``model``; default ``model`` itself)."""
+    noise [B, K, L, P] (raster order), weights [L] (AR order). ``run_model`` is the callable that
+    runs the model (a DDP/FSDP wrapper of ``model``; default ``model`` itself)."""
     b, k, num_tokens, p = noise.shape
-    # Noise in token space; the plan's t are in AR order, so move them to raster positions first.
+    # The model's forward takes images (it patchifies and applies the order itself), so the noisy
+    # image is built in raster order: the plan's t (AR order) move to raster positions first, and a
+    # pixel's noise does not depend on the order drawn. The target is then gathered into AR order.
     x0_tok = model.patchify(x0)  # [B, L, P]
     t_raster = torch.empty_like(t).scatter_(2, order[:, None, :].expand(b, k, num_tokens), t)
     xt_tok = diffusion.q_sample(x0_tok[:, None].expand(b, k, num_tokens, p), t_raster, noise)
     xt = model.unpatchify(xt_tok.flatten(0, 1)).view(b, k, *x0.shape[1:])
-    out = (forward or model)(x0, xt, t, y, group_sizes, order)  # [B, K, L, P], AR order
+    out = (run_model or model)(x0, xt, t, y, group_sizes, order)  # [B, K, L, P], AR order
     return denoising_loss(out, ar_target(diffusion, x0_tok, t, noise, order), weights)
 
 

@@ -42,7 +42,8 @@ SAMPLERS = ("ddpm", "ddim")
 
 # ---- per-sample randomness ---------------------------------------------------------------------
 def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded from the run seed and the sample's global index."""
+    """One CPU generator per sample, seeded from the run seed and the sample's global index
+    (1_000_003 is a prime stride: distinct (seed, index) pairs give distinct seeds for index < it)."""
     return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
 
 
@@ -153,7 +154,7 @@ class _CachedRunner:
         model.run_blocks(model.embed_cond(y), None, self.cache)
         self.cache.commit(c.num_cond)
 
-    def eps(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def output(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]
         cache = self.cache if rows == self.rows else self.cache.first_rows(rows)
         h = self.model.embed_tokens(tokens, pos, t)
@@ -187,7 +188,7 @@ class _UncachedRunner:
             self._mask_key, self._mask = sizes, full[keep][:, keep]
         return self._mask
 
-    def eps(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def output(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         m, rows, n = self.model, tokens.shape[0], tokens.shape[1]
         parts = [m.embed_cond(self.y[:rows])]
         if self.clean:
@@ -295,6 +296,8 @@ def sample(
     for s, n in enumerate(sizes):
         diffusion, stop = schedules[per_step[s]], start + n
         pos = order[:, start:stop]
+        # A full-image draw of which only this group's tokens are used: wasteful at large S, but it
+        # keeps S=1 draw-for-draw equal to sample_one_step and a token's noise independent of S.
         xs = _noise_tokens(model, gens, order_idx)[:, start:stop]
         bar.set_description(f"AR step {s + 1}/{len(sizes)}")
         for i in range(len(diffusion) - 1, -1, -1):
@@ -304,10 +307,10 @@ def sample(
             t_in = torch.full((rows, 1), t, device=device)  # one embedding per row, broadcast over tokens
             if guide:
                 # the model's output (eps, or v): guidance is linear, so it applies to either
-                out_c, out_u = runner.eps(torch.cat([xs, xs]), torch.cat([pos, pos]), t_in).float().chunk(2)
+                out_c, out_u = runner.output(torch.cat([xs, xs]), torch.cat([pos, pos]), t_in).float().chunk(2)
                 out = out_u + cfg * (out_c - out_u)
             else:
-                out = runner.eps(xs, pos, t_in).float()
+                out = runner.output(xs, pos, t_in).float()
             if path is not None and path.wants(s, len(sizes), i, len(diffusion)):
                 x0 = diffusion.predict_x0(xs, i, out)
                 _record(path, model, x, start, stop, x0 if path.show == "x0" else xs, order, s, len(sizes), i)

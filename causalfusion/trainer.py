@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .ar_plan import ARPlanConfig, sample_plan
+from .ar_plan import ARPlanConfig
 from .checkpoint import CheckpointError, load_training_state, read_config, save_checkpoint, write_config
 from .data import BatchStream, Dataset, load_dataset
 from .diffusion import Diffusion
@@ -171,7 +171,6 @@ class Trainer:
         if want != have:
             raise ValueError(f"model expects (image size, channels, classes) {have} but {d.name} has {want}")
         self.plan_cfg.validate(self.model_cfg.num_tokens)
-        sample_plan(self.plan_cfg, 1, self.model_cfg.grid, 1000, torch.Generator())  # e.g. a block that does not tile
 
         torch.manual_seed(c.seed)  # weight init
         self.model = CausalFusion(self.model_cfg).to(c.device)

@@ -324,7 +324,11 @@ def test_plan_weights_follow_config():
     ARPlanConfig(lam=0.5),
     ARPlanConfig(t_copies=0),
     ARPlanConfig(gamma=2.0),
+    ARPlanConfig(order="block", block=0),
+    ARPlanConfig(order="dilated", dilation=0),
 ])
 def test_plan_invalid_config(cfg):
+    with pytest.raises(ValueError):
+        cfg.validate(16)  # what the trainer checks before it writes anything
     with pytest.raises(ValueError):
         sample_plan(cfg, 1, (4, 4), 1000)

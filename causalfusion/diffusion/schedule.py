@@ -79,7 +79,8 @@ class Diffusion:
 
     # ---- training ----------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(ā_t) x0 + sqrt(1-ā_t) eps; ``t`` indexes this schedule, shape = x0's leading dims."""
+        """x_t = sqrt(ā_t) x0 + sqrt(1-ā_t) eps; ``t`` indexes this schedule (the original 0..999 step
+        for the full training schedule, which is what training uses), shape = x0's leading dims."""
         return _gather(self.sqrt_ac, t, x0) * x0 + _gather(self.sqrt_1m_ac, t, x0) * noise
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

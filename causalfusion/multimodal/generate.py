@@ -61,7 +61,9 @@ class _TextConditioned:
         rows, n, tl = h.shape[0], h.shape[1], self.text_len
         sees = self.sees_text[:rows].to(h.device)  # rows < all: the conditional half (listed first)
         causal = torch.ones(tl, tl, dtype=torch.bool, device=h.device).tril()
-        if cache is not None and getattr(cache, "length", 1) == 0:  # the prompt itself, into the cache
+        # An empty cache means this is sampling's first call (``_CachedRunner.__init__``): the
+        # prompt itself goes into the cache, causal among its own tokens.
+        if cache is not None and getattr(cache, "length", 1) == 0:
             m = causal
         elif cache is not None and bool(sees.all()):  # cached, no null rows: everything visible
             m = None
@@ -73,7 +75,7 @@ class _TextConditioned:
                 m = mask.clone()
                 m[:tl, :tl] = causal
                 m = m.expand(rows, 1, n, n).clone()
-                text_q = slice(tl, n)  # the text rows themselves stay causal, so never empty
+                text_q = slice(tl, n)  # the text rows stay causal: never an all-False row (SDPA gives NaN)
             m[~sees, :, text_q, :tl] = False
         return self.model.backbone.run_blocks(h, m, cache)
 

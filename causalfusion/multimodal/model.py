@@ -3,7 +3,8 @@
 A wrapper around the image model (``self.backbone``: input projection, timestep embedding, 2-D
 image positions, blocks, noise head) that adds a text token embedding, a learnable text
 positional embedding over the T-slot text window and an LM head. The backbone's class embedding
-is unused (``num_classes=0``: one row kept only so the backbone's code stays unchanged).
+and its ``cond_pos`` are unused (``num_classes=0``: kept only so the backbone's code stays
+unchanged; they get no gradient).
 
 LM head: untied by default (``tie_head=False``). The input embedding is trained mostly by the
 image loss (90% of sequences use text as the image's condition, and the text loss is weighted
