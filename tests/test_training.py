@@ -205,3 +205,32 @@ def test_ema_warmup_flag_and_paper_configs():
     with pytest.raises(SystemExit):
         parse(["train", "--ema-warmup", "maybe"])
     assert get_config("in256-system-XL").train_args()["ema_warmup"] is False
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_noised_loss_is_zero_for_an_oracle(prediction):
+    """A model that reads the noise back from its inputs, token by token in AR order, scores zero:
+    so each token is noised with its own t (moved from AR to raster order) and the target is in AR
+    order. Per-step t, random orders and K copies make every token's t and place differ."""
+    from causalfusion.ar_plan import sample_plan
+    from causalfusion.objective import noised_loss
+
+    model = CausalFusion(digits_model(prediction=prediction))
+    diffusion, g = Diffusion(prediction=prediction), torch.Generator().manual_seed(0)
+    plan = sample_plan(ARPlanConfig(fixed_steps=4, t_per_step=True, t_copies=2), 3, model.cfg.grid, 1000, g)
+    assert len(set(plan.t[0, 0].tolist())) > 1 and not torch.equal(plan.order[0], plan.order[1])
+    x0 = torch.rand(3, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(3, 2, model.cfg.num_tokens, model.cfg.patch_dim, generator=g, dtype=torch.float64)
+
+    def oracle(x0, xt, t, y, group_sizes, order):
+        b, k, n, p = noise.shape
+        idx = order[:, None, :, None].expand(b, k, n, p)
+        x0_ar = model.patchify(x0)[:, None].expand(b, k, n, p).gather(2, idx)
+        xt_ar = model.patchify(xt.flatten(0, 1)).view(b, k, n, p).gather(2, idx)
+        ac = diffusion.alphas_cumprod[t][..., None]
+        eps = (xt_ar - ac.sqrt() * x0_ar) / (1 - ac).sqrt()
+        return diffusion.target(x0_ar, t, eps)
+
+    loss = noised_loss(model, diffusion, x0, torch.zeros(3, dtype=torch.long), plan.order, plan.t, noise,
+                       plan.group_sizes, plan.weights, run_model=oracle)
+    assert float(loss) < 1e-12
