@@ -184,12 +184,30 @@ def test_split_and_weights(tok):
         assert (st["image_first"] == 0) == (p == 0) and loss.item() == pytest.approx(st["image_loss"] + w * text, rel=1e-5)
     with pytest.raises(ValueError, match="predicts v but this Diffusion is built for eps"):
         multimodal_loss(tiny(tok, prediction="v"), Diffusion(), x, ids, lens, plan, MixConfig(0.5, 1.0))
-    # text CE ignores everything after <eos>: changing the pad logits changes nothing
+    # text CE ignores everything after <eos>: changing the logits of the <eos> slot (which would
+    # predict past the caption) and of the padding changes nothing; the slot before it counts
     logits = torch.randn(3, 20, tok.vocab_size)
     base = text_loss(logits, ids[:3], lens[:3])
-    logits[0, lens[0]:] = 100.0
+    logits[0, lens[0] - 1:] = 100.0
     assert text_loss(logits, ids[:3], lens[:3]) == pytest.approx(base.item())
+    logits[0, lens[0] - 2] = 100.0
+    assert text_loss(logits, ids[:3], lens[:3]) != pytest.approx(base.item())
     assert text_loss(torch.zeros(3, 20, tok.vocab_size), ids[:3], lens[:3]) == pytest.approx(np.log(tok.vocab_size))
+
+
+def test_image_loss_weights_each_row_once(tok, monkeypatch):
+    """The image loss is the mean over all B rows: each sub-batch's mean weighted by its row count."""
+    from causalfusion.multimodal import objective
+
+    def fake_branch(model, diffusion, x0, ids, plan_cfg, image_first, generator):
+        value = torch.tensor(3.0 if image_first else 1.0)
+        return value, torch.zeros(x0.shape[0], ids.shape[1], tok.vocab_size) if image_first else None
+
+    monkeypatch.setattr(objective, "_image_branch", fake_branch)
+    ids, lens = tok.batch(CAPS + CAPS[:1], 20)
+    _, st = multimodal_loss(tiny(tok), Diffusion(), torch.zeros(4, 3, 8, 8), ids, lens, ARPlanConfig(),
+                            MixConfig(0.25, 0.01), torch.Generator().manual_seed(0))
+    assert st["image_first"] == 1 and st["image_loss"] == pytest.approx((3 * 1.0 + 1 * 3.0) / 4)
 
 
 def test_tiny_model_overfits_text_and_image(tok):
