@@ -25,3 +25,15 @@ def test_success_replaces_and_suffix_is_kept(tmp_path):
         assert tmp.name.endswith(".tmp.npz") and tmp.parent == tmp_path
         tmp.write_bytes(b"new")
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["x.npz"]
+
+
+def test_replace_is_atomic(tmp_path):
+    """The new file is renamed over the old one (a new inode), never written into it: a reader that
+    opened the old file keeps reading the old bytes, whole."""
+    path = tmp_path / "state.json"
+    write_json(path, {"step": 1})
+    before = path.stat().st_ino
+    with open(path) as old:
+        write_json(path, {"step": 2})
+        assert json.loads(old.read()) == {"step": 1}
+    assert path.stat().st_ino != before and json.loads(path.read_text()) == {"step": 2}

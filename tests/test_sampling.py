@@ -273,3 +273,16 @@ def test_cli_bad_sampling_input_is_one_line(run_dir, tmp_path, capsys, extra, ne
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+def test_guidance_formula_and_interval_bounds():
+    """guided = uncond + s (cond - uncond), only for t in [lo, hi): a stub model outputs 1 for a class
+    and 0 for the null class, so the guided value is s inside the interval and 1 outside."""
+    from causalfusion.one_step_sampler import guided_eps
+
+    def stub(x, t, y):
+        return (y != 10).float()[:, None].expand_as(x)
+
+    x, y = torch.zeros(2, 3), torch.tensor([4, 7])
+    for t, want in ((499, 1.0), (500, 3.0), (599, 3.0), (600, 1.0)):
+        assert torch.equal(guided_eps(stub, x, t, y, 10, 3.0, (500, 600)), torch.full((2, 3), want)), t
