@@ -224,3 +224,18 @@ def test_full_kl16_config_is_16x_16_channels():
     names = {k for k, _ in vae.named_parameters()}
     assert "encoder.down_blocks.4.attentions.1.to_q.weight" in names  # attention at 16 px, encoder only
     assert not any(".attentions." in k for k in names if k.startswith("decoder.up_blocks"))
+
+
+def test_posterior_is_shifted_and_scaled(tmp_path):
+    """encode_posterior gives the model-space posterior: mean (μ - shift)·scale, std σ·scale."""
+    from causalfusion.autoencoders import DiffusersAutoencoder
+
+    save_tiny_vae(tmp_path / "vae")
+    vae = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "vae")).eval()
+    ae = DiffusersAutoencoder("sd-vae", tmp_path / "vae", shift=0.3)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        d = vae.encode(x).latent_dist
+    mean, std = ae.encode_posterior(x)
+    torch.testing.assert_close(mean, (d.mean - 0.3) * ae.scale)
+    torch.testing.assert_close(std, d.std * ae.scale)

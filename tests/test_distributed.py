@@ -82,6 +82,9 @@ def test_one_process_is_the_trainer_step_for_step(tmp_path):
     acc.train()
     assert np.allclose(losses(tmp_path / "a"), losses(tmp_path / "c"), atol=1e-5)
     assert_same_weights(tmp_path / "a", tmp_path / "c")
+    # the gradient is the batch mean (micro-batch losses divided by the accumulation count): same norm
+    norms = lambda run: [float(r["grad_norm"]) for r in csv.DictReader(open(run / "log.csv"))]  # noqa: E731
+    np.testing.assert_allclose(norms(tmp_path / "c"), norms(tmp_path / "a"), rtol=1e-3)
 
 
 def test_batch_must_divide_by_processes_times_accumulation(tmp_path, capsys):

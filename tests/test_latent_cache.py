@@ -239,3 +239,33 @@ def test_damaged_image_leaves_no_cache_behind(world, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "0.png" in err[0], err
     assert not out.exists()
+
+
+def _folder(root, n_per_class=1):
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.new("RGB", (8, 8), (10 * i, 20, 30)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_fingerprint_sees_a_replaced_image(tmp_path):
+    """A file replaced under the same name (other size on disk) is another dataset: refused."""
+    from causalfusion.autoencoders import IdentityAutoencoder
+
+    img = _folder(tmp_path / "img")
+    cache_latents(load_dataset(f"folder:{img}", 8), tmp_path / "c", IdentityAutoencoder(3), progress=False)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(img / "a" / "0.png")
+    with pytest.raises(CacheError, match="other settings"):
+        cache_latents(load_dataset(f"folder:{img}", 8), tmp_path / "c", IdentityAutoencoder(3), progress=False)
+
+
+def test_ranks_encode_only_their_shards(tmp_path):
+    """Shard i belongs to rank i mod world: rank 1 of 2 writes shards 1 and 3 only."""
+    from causalfusion.autoencoders import IdentityAutoencoder
+
+    ds = load_dataset(f"folder:{_folder(tmp_path / 'img', 2)}", 8)
+    (tmp_path / "c").mkdir()  # rank 0 makes it (and writes the index)
+    cache_latents(ds, tmp_path / "c", IdentityAutoencoder(3), shard_size=1, rank=1, world=2, progress=False)
+    assert sorted(p.name for p in (tmp_path / "c").glob("shard_*")) == ["shard_00001.safetensors",
+                                                                         "shard_00003.safetensors"]

@@ -310,3 +310,42 @@ def test_damaged_reference_files_are_one_clear_line(tmp_path):
             load_reference_stats(tmp_path / name)
         assert name in str(err.value) and len(str(err.value).splitlines()) == 1
     assert load_reference_stats(good).mu.shape == (3,)
+
+
+# ---- exact small cases (from mutation testing) -----------------------------------------------------
+def test_inception_score_marginal_is_per_split():
+    from causalfusion.metrics import inception_score
+
+    p = np.eye(2)[[0, 0, 1, 1]]  # each split is one class only: its own marginal is that class, KL 0
+    assert inception_score(p, splits=2, from_logits=False) == pytest.approx((1.0, 0.0))
+
+
+def test_inception_score_population_std_and_remainder_rows():
+    from causalfusion.metrics import inception_score
+
+    mean, std = inception_score(np.eye(2)[[0, 1, 0, 0]], splits=2, from_logits=False)
+    assert (mean, std) == pytest.approx((1.5, 0.5))  # splits score 2 and 1; std with ddof 0
+    q = np.array([2 / 3, 1 / 3])  # 5 rows, 2 splits: the second holds rows 2..4 (0, 0, 1)
+    kl = (2 * np.log(1 / q[0]) + np.log(1 / q[1])) / 3
+    got = inception_score(np.eye(2)[[0, 1, 0, 0, 1]], splits=2, from_logits=False)[0]
+    assert got == pytest.approx((2 + np.exp(kl)) / 2)
+
+
+def test_precision_recall_against_brute_force():
+    from causalfusion.metrics import precision_recall
+
+    def brute(real, fake, k):
+        def radii(x):
+            return np.sort(((x[:, None] - x[None]) ** 2).sum(-1), 1)[:, k]
+
+        def inside(manifold, r, query):
+            return (((query[:, None] - manifold[None]) ** 2).sum(-1) <= r[None]).any(1).mean()
+        return inside(real, radii(real), fake), inside(fake, radii(fake), real)
+
+    x = np.random.default_rng(7).standard_normal((120, 6))
+    fake = x[:60] * 0.3  # a shrunken copy: precision and recall differ
+    got = precision_recall(x, fake, k=3)
+    assert got == pytest.approx(brute(x, fake, 3)) and got[0] != got[1]
+    real = np.zeros((5, 2))
+    real[4] = 5.0  # four identical points: k=3 radius 0, and a fake point on them is inside (<=)
+    assert precision_recall(real, np.zeros((4, 2)), k=3)[0] == 1.0

@@ -290,3 +290,39 @@ def test_redraw_keeps_the_objects_and_moves_them():
     assert again.shape == images.shape and torch.equal(again, redraw(objs, 16))
     assert t2i_accuracy(again, objs)["t2i_exact"] == 1.0
     assert 0 < float((again - images).abs().mean()) < 0.3  # moved a little, not redrawn elsewhere
+
+
+# ---- metrics and decoding details (from mutation testing) -----------------------------------------
+def test_t2i_exact_penalises_extra_objects():
+    from causalfusion.multimodal.shapes import draw
+
+    objs = [("red", "square", "top left"), ("blue", "circle", "bottom right")]
+    img = torch.from_numpy(draw(objs, 16)).float()[None] * 2 - 1
+    assert t2i_accuracy(img, [objs])["t2i_exact"] == 1.0
+    assert t2i_accuracy(img, [objs[:1]])["t2i_exact"] == 0.0  # an object the prompt did not ask for
+
+
+def test_cider_uses_every_reference():
+    a = cider([["a b c d", "e f g h"], ["x y z w"]], ["e f g h", "x y z w"])
+    b = cider([["e f g h", "a b c d"], ["x y z w"]], ["e f g h", "x y z w"])
+    assert a == pytest.approx(b)  # the matching reference counts wherever it is listed
+
+
+def test_parser_does_not_borrow_the_next_objects_position():
+    assert parse_caption("a red circle and a blue square at the top left") == {("blue", "square", "top left")}
+
+
+def test_checker_tolerates_a_tinted_colour():
+    from causalfusion.multimodal.shapes import detect_objects, draw
+
+    objs = [("red", "square", "top left")]
+    x = draw(objs, 16)
+    x[1] += 0.2 * x[0]  # an orange-ish red: green at 20% of the peak is still "off"
+    assert detect_objects(torch.from_numpy(x).float() * 2 - 1) == set(objs)
+
+
+def test_top_k_one_is_greedy(tok):
+    m, x = tiny(tok), torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    greedy = caption(m, tok, x)
+    for s in range(3):
+        assert caption(m, tok, x, temperature=1.0, top_k=1, seed=s) == greedy

@@ -286,3 +286,10 @@ def test_guidance_formula_and_interval_bounds():
     x, y = torch.zeros(2, 3), torch.tensor([4, 7])
     for t, want in ((499, 1.0), (500, 3.0), (599, 3.0), (600, 1.0)):
         assert torch.equal(guided_eps(stub, x, t, y, 10, 3.0, (500, 600)), torch.full((2, 3), want)), t
+
+
+def test_generation_path_shows_samples_spread_over_the_batch():
+    path = GenerationPath(max_images=2)
+    images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 2, 2)
+    path.add(images, torch.zeros(5, 1, 2, 2, dtype=torch.bool), 0, 1, 0)
+    assert path.frames[0][0][:, 0, 0, 0].tolist() == [0.0, 4.0]  # the first and the last, not the first two

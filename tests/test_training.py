@@ -234,3 +234,15 @@ def test_noised_loss_is_zero_for_an_oracle(prediction):
     loss = noised_loss(model, diffusion, x0, torch.zeros(3, dtype=torch.long), plan.order, plan.t, noise,
                        plan.group_sizes, plan.weights, run_model=oracle)
     assert float(loss) < 1e-12
+
+
+def test_weights_missing_a_tensor_are_refused(tmp_path):
+    """Loading is strict: a weights file without one of the model's tensors does not fit."""
+    from causalfusion.checkpoint import load_weights
+    from causalfusion.files import write_json
+    from safetensors.torch import save_file
+
+    write_json(tmp_path / "state.json", {"step": 1})
+    save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "ema.safetensors"), metadata={"step": "1"})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_weights(tmp_path, torch.nn.Linear(2, 2))  # no "bias" in the file

@@ -1,0 +1,41 @@
+"""Pixels in and out: image files to tensors (range, layout, the ADM centre crop), tensors to uint8
+(rounding, clamping) and sample grids (row-major, white padding)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from causalfusion.data import center_crop_resize, image_to_tensor
+from causalfusion.images import make_grid, to_uint8
+
+
+def test_to_uint8_rounds_and_clamps():
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.6 / 127.5, 1.0, 1.7]).view(1, 1, 1, 6)
+    assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 128, 255, 255]
+
+
+def test_make_grid_is_row_major_with_white_padding():
+    imgs = torch.stack([torch.full((1, 2, 2), v) for v in (-1.0, 0.0, 1.0)])
+    g = make_grid(imgs, nrow=2, pad=1)
+    assert g.shape == (7, 7, 1)
+    assert g[1, 1, 0] == 0 and g[1, 4, 0] == 128 and g[4, 1, 0] == 255  # images 0, 1 | 2
+    assert g[0, 0, 0] == 255 and g[4, 4, 0] == 255  # padding and the empty slot stay white
+
+
+def test_image_to_tensor_exact_range_and_layout():
+    t = image_to_tensor(Image.fromarray(np.array([[0, 255, 0]], np.uint8)), 1)
+    assert t.tolist() == [[[-1.0, 1.0, -1.0]]]
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[0, 2] = (255, 0, 0)
+    t = image_to_tensor(Image.fromarray(rgb), 3)
+    assert t.shape == (3, 2, 3) and t[0, 0, 2] == 1.0 and t[0, 1, 0] == -1.0 and t[1, 0, 2] == -1.0
+
+
+def test_center_crop_takes_the_middle():
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :10] = (255, 0, 0)
+    a[:, 10:30] = (0, 255, 0)
+    a[:, 30:] = (0, 0, 255)
+    out = np.asarray(center_crop_resize(Image.fromarray(a), 10))
+    assert out.shape == (10, 10, 3) and (out[..., 1] > 200).all() and (out[..., 0] < 50).all()
