@@ -349,3 +349,14 @@ def test_precision_recall_against_brute_force():
     real = np.zeros((5, 2))
     real[4] = 5.0  # four identical points: k=3 radius 0, and a fake point on them is inside (<=)
     assert precision_recall(real, np.zeros((4, 2)), k=3)[0] == 1.0
+
+
+def test_protocol_constants_are_the_adm_evaluators():
+    """The paper's numbers use the ADM evaluator: IS over 10 splits, precision/recall with k = 3."""
+    import inspect
+
+    from causalfusion.metrics import evaluate, inception_score, precision_recall
+
+    default = lambda fn, name: inspect.signature(fn).parameters[name].default  # noqa: E731
+    assert default(evaluate, "is_splits") == default(inception_score, "splits") == 10
+    assert default(evaluate, "pr_k") == default(precision_recall, "k") == 3
