@@ -360,3 +360,22 @@ def test_protocol_constants_are_the_adm_evaluators():
     default = lambda fn, name: inspect.signature(fn).parameters[name].default  # noqa: E731
     assert default(evaluate, "is_splits") == default(inception_score, "splits") == 10
     assert default(evaluate, "pr_k") == default(precision_recall, "k") == 3
+
+
+def test_fid_retries_a_singular_product_with_nudged_diagonals(monkeypatch):
+    """When sqrtm(S1 S2) is not finite, FID warns and retries with eps added to both diagonals."""
+    from causalfusion.metrics import fid as fid_mod
+
+    real_sqrtm, calls = fid_mod.linalg.sqrtm, []
+
+    def flaky_sqrtm(m):
+        calls.append(m.copy())
+        return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m)
+
+    monkeypatch.setattr(fid_mod.linalg, "sqrtm", flaky_sqrtm)
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
+    with pytest.warns(RuntimeWarning, match="singular"):
+        d = fid_mod.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=1e-3)
+    assert len(calls) == 2 and np.allclose(calls[1], (s1 + 1e-3 * np.eye(2)) @ (s2 + 1e-3 * np.eye(2)))
+    # the traces keep the given covariances; only the square root sees the nudged ones
+    assert d == pytest.approx(sum(a + b - 2 * np.sqrt((a + 1e-3) * (b + 1e-3)) for a, b in ((1, 9), (4, 1))))
