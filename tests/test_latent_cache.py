@@ -227,6 +227,24 @@ def test_torchrun_divides_the_shards_among_processes(world, tmp_path):
                                atol=1e-6, rtol=1e-5)
 
 
+def test_two_processes_draw_the_single_process_posterior_latents(world, tmp_path):
+    """Under torchrun each rank loads its half of the global batch with that half's posterior seeds:
+    2 processes train on the latents 1 process draws (the losses agree)."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", "--data", f"latents:{world / 'cache'}", "--steps", "3", "--lr", "1e-3", "--warmup", "1", *TINY]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "causalfusion.cli",
+           *args, "--out", str(tmp_path / "two")]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    loss = lambda run: [float(r["loss"]) for r in csv.DictReader(open(run / "log.csv"))]  # noqa: E731
+    assert len(loss(tmp_path / "one")) == 3 and loss(tmp_path / "one")[1:] == pytest.approx(loss(tmp_path / "two")[1:], abs=1e-5)
+
+
 def test_damaged_image_leaves_no_cache_behind(world, tmp_path, capsys):
     """A damaged source image stops cache-latents with one line; the cache it started is removed."""
     import shutil
