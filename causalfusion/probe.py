@@ -15,7 +15,8 @@ How features are taken (``mode``):
   S > 1 have ever seen clean tokens; a γ=0 model's clean path is untrained.
 
 The condition is always the *null* class (the label-dropout token): the class tokens would
-otherwise hand the label to the probe. Features are the last block's outputs (before the final
+otherwise hand the label to the probe. (A run trained with ``--label-dropout 0`` never trained
+that token; its probe reads the image under an untrained condition.) Features are the last block's outputs (before the final
 LayerNorm), mean-pooled over the L image tokens, then standardised before the logistic regression.
 """
 from __future__ import annotations
