@@ -53,3 +53,11 @@ def save_run(model: CausalFusion, out):
     write_config(out, {"model": model.cfg.to_dict()})
     save_checkpoint(out, 1, model, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {})
     return out
+
+
+def log_column(run, name: str = "loss") -> list[float]:
+    """One column of a run's log.csv, as floats."""
+    import csv
+
+    with open(run / "log.csv") as f:
+        return [float(r[name]) for r in csv.DictReader(f)]

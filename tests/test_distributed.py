@@ -7,7 +7,6 @@ single-process images bit for bit.
 """
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from causalfusion.distributed import (DistributedTrainer, ScaleConfig, optimizer
                                       optimizer_state_by_name, sample_in_chunks, uint8_to_images)
 from causalfusion.models import ModelConfig
 from causalfusion.trainer import TrainConfig, Trainer
+from conftest import log_column
 
 TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "4", "--batch-size", "8", "--sample-every", "0",
         "--no-progress", "--log-every", "1", "--ckpt-every", "2", "--lr", "1e-3", "--warmup", "2"]
@@ -37,8 +37,7 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 120) -> None:
 
 
 def losses(run) -> list[float]:
-    with open(run / "log.csv") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
+    return log_column(run, "loss")
 
 
 def assert_same_weights(a, b, atol=2e-5) -> None:
@@ -83,8 +82,7 @@ def test_one_process_is_the_trainer_step_for_step(tmp_path):
     assert np.allclose(losses(tmp_path / "a"), losses(tmp_path / "c"), atol=1e-5)
     assert_same_weights(tmp_path / "a", tmp_path / "c")
     # the gradient is the batch mean (micro-batch losses divided by the accumulation count): same norm
-    norms = lambda run: [float(r["grad_norm"]) for r in csv.DictReader(open(run / "log.csv"))]  # noqa: E731
-    np.testing.assert_allclose(norms(tmp_path / "c"), norms(tmp_path / "a"), rtol=1e-3)
+    np.testing.assert_allclose(log_column(tmp_path / "c", "grad_norm"), log_column(tmp_path / "a", "grad_norm"), rtol=1e-3)
 
 
 def test_batch_must_divide_by_processes_times_accumulation(tmp_path, capsys):

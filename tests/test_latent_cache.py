@@ -18,6 +18,7 @@ from causalfusion.data import BatchStream, load_dataset
 from causalfusion.latent_cache import CacheError, EncodedDataset, cache_latents, open_latent_cache
 from causalfusion.models import ModelConfig
 from causalfusion.trainer import TrainConfig, Trainer
+from conftest import log_column
 
 diffusers = pytest.importorskip("diffusers")
 TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "4", "--batch-size", "4", "--sample-every", "0",
@@ -230,7 +231,6 @@ def test_torchrun_divides_the_shards_among_processes(world, tmp_path):
 def test_two_processes_draw_the_single_process_posterior_latents(world, tmp_path):
     """Under torchrun each rank loads its half of the global batch with that half's posterior seeds:
     2 processes train on the latents 1 process draws (the losses agree)."""
-    import csv
     import os
     import subprocess
     import sys
@@ -241,8 +241,8 @@ def test_two_processes_draw_the_single_process_posterior_latents(world, tmp_path
     res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    loss = lambda run: [float(r["loss"]) for r in csv.DictReader(open(run / "log.csv"))]  # noqa: E731
-    assert len(loss(tmp_path / "one")) == 3 and loss(tmp_path / "one")[1:] == pytest.approx(loss(tmp_path / "two")[1:], abs=1e-5)
+    one, two = log_column(tmp_path / "one"), log_column(tmp_path / "two")
+    assert len(one) == 3 and one[1:] == pytest.approx(two[1:], abs=1e-5)
 
 
 def test_damaged_image_leaves_no_cache_behind(world, tmp_path, capsys):
