@@ -42,7 +42,7 @@ from .data import Dataset
 from .images import to_uint8
 from .models import CausalFusion, ModelConfig
 from .objective import drop_labels, noised_loss
-from .trainer import Trainer, TrainConfig, adamw, check_device, check_finite, update_ema
+from .trainer import Trainer, TrainConfig, adamw, apply_gradients, check_device, check_finite, set_lr
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -225,8 +225,7 @@ class DistributedTrainer(Trainer):
         lo = r * local
         x_local = self.dataset.get(index[lo:lo + local], None if flip is None else flip[lo:lo + local],
                                    None if seeds is None else seeds[lo:lo + local])
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step)
+        set_lr(self.opt, self.lr_at(self.step))
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
@@ -244,13 +243,9 @@ class DistributedTrainer(Trainer):
             dist.all_reduce(red)
             mean = red.cpu() / w
         check_finite(mean, self.step)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), c.grad_clip)
-        if hasattr(gnorm, "full_tensor"):
-            gnorm = gnorm.full_tensor()
-        self.opt.step()
-        update_ema(self.ema, self.module, self.ema_decay_at(self.step))
+        gnorm = apply_gradients(self.module, self.ema, self.opt, c.grad_clip, self.ema_decay_at(self.step))
         self.step += 1
-        return {"loss": float(mean), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1),
+        return {"loss": float(mean), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1),
                 "ar_steps": plan.num_steps}
 
     # -- checkpoints and grids from rank 0 -------------------------------------------------------

@@ -102,6 +102,22 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1.0 - decay)
 
 
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def apply_gradients(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, grad_clip: float,
+                    ema_decay: float) -> float:
+    """After backward: clip the global grad norm, take the optimizer step, move the EMA; the pre-clip norm."""
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if hasattr(gnorm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
+        gnorm = gnorm.full_tensor()
+    opt.step()
+    update_ema(ema, model, ema_decay)
+    return float(gnorm)
+
+
 def check_finite(loss: torch.Tensor, step: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint left as it was)")
@@ -215,19 +231,16 @@ class Trainer:
         c, dev = self.cfg, self.cfg.device
         x0, y = self.stream.next()
         y = drop_labels(y, c.label_dropout, self.model_cfg.num_classes, self.gen)
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step)
+        set_lr(self.opt, self.lr_at(self.step))
         self.model.train()
         with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
             loss, plan = causalfusion_loss(self.model, self.diffusion, x0.to(dev), y.to(dev), self.plan_cfg, self.gen)
         check_finite(loss, self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.opt.step()
-        update_ema(self.ema, self.model, self.ema_decay_at(self.step))
+        gnorm = apply_gradients(self.model, self.ema, self.opt, c.grad_clip, self.ema_decay_at(self.step))
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1), "ar_steps": plan.num_steps}
+        return {"loss": loss.item(), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1), "ar_steps": plan.num_steps}
 
     def save(self) -> None:
         extra = {"gen": self.gen.get_state(), **self.stream.state()}

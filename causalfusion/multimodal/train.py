@@ -21,8 +21,8 @@ from ..checkpoint import (CheckpointError, load_training_state, load_weights, re
                           save_checkpoint, write_config)
 from ..diffusion import Diffusion
 from ..models import ModelConfig
-from ..trainer import (adamw, check_finite, check_precision, check_resume_step, check_run_dir, check_train_settings,
-                       ema_decay_at, trim_log, update_ema, warmup_lr)
+from ..trainer import (adamw, apply_gradients, check_finite, check_precision, check_resume_step, check_run_dir,
+                       check_train_settings, ema_decay_at, set_lr, trim_log, warmup_lr)
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
 from .objective import MixConfig, multimodal_loss
@@ -123,8 +123,7 @@ class MMTrainer:
     def train_step(self) -> dict[str, float]:
         c = self.cfg
         x0, ids, lens = self.stream.next()
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step)
+        set_lr(self.opt, self.lr_at(self.step))
         self.model.train()
         with torch.autocast(torch.device(c.device).type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
             loss, stats = multimodal_loss(self.model, self.diffusion, x0.to(c.device), ids, lens, self.plan_cfg,
@@ -132,11 +131,9 @@ class MMTrainer:
         check_finite(loss, self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.opt.step()
-        update_ema(self.ema, self.model, ema_decay_at(self.step, c.ema_decay))
+        gnorm = apply_gradients(self.model, self.ema, self.opt, c.grad_clip, ema_decay_at(self.step, c.ema_decay))
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": float(gnorm), **stats}
+        return {"loss": loss.item(), "grad_norm": gnorm, **stats}
 
     def save(self) -> None:
         extra = {"gen": self.gen.get_state(), **self.stream.state()}
