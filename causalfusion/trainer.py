@@ -211,10 +211,11 @@ class Trainer:
 
     def _restore(self) -> None:
         saved = read_config(self.out)
-        if saved.get("model") != self.model_cfg.to_dict():
-            diff = {k: (saved.get("model", {}).get(k), v) for k, v in self.model_cfg.to_dict().items()
-                    if saved.get("model", {}).get(k) != v}
-            raise CheckpointError(f"cannot resume {self.out}: model config differs from the checkpoint's (saved, given): {diff}")
+        for part, given in (("model", self.model_cfg.to_dict()), ("plan", asdict(self.plan_cfg))):
+            if saved.get(part) != given:
+                diff = {k: (saved.get(part, {}).get(k), v) for k, v in given.items() if saved.get(part, {}).get(k) != v}
+                raise CheckpointError(f"cannot resume {self.out}: {part} config differs from the checkpoint's "
+                                      f"(saved, given): {diff}")
         state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
         self.step = check_resume_step(self.out, int(state["step"]), self.cfg.steps)
         self.gen.set_state(extra["gen"])

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from causalfusion.cli import main
-from conftest import one_error_line
+from conftest import log_column, one_error_line
 
 TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "4", "--batch-size", "8",
         "--sample-every", "0", "--no-progress", "--log-every", "1"]
@@ -117,6 +117,21 @@ def test_resume_with_other_model_config_is_refused(run_dir, capsys):
     assert main(["train", "--out", str(run_dir), "--resume", "--steps", "5", *TINY[:2], "--hidden-size", "64"]) == 2
     assert "model config differs" in one_error_line(capsys)
     assert (run_dir / "model.safetensors").read_bytes() == before
+
+
+def test_resume_keeps_the_runs_ar_plan(tmp_path, capsys):
+    """A run trained with a non-default plan resumes with that plan, not the flags' defaults."""
+    plan = ["--ar-steps", "4", "--order", "raster", "--lam", "1"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert main(["train", "--data", "digits", "--out", str(straight), "--steps", "6", *TINY, *plan]) == 0
+    assert main(["train", "--data", "digits", "--out", str(cut), "--steps", "3", "--ckpt-every", "3", *TINY, *plan]) == 0
+    assert main(["train", "--out", str(cut), "--resume", "--steps", "6", "--no-progress"]) == 0
+    assert log_column(cut, "ar_steps") == [4.0] * 6  # the defaults would draw S from gamma 0.9
+    assert log_column(cut) == log_column(straight)
+    files = {p.name: p.read_bytes() for p in cut.iterdir() if p.is_file()}
+    assert main(["train", "--out", str(cut), "--resume", "--steps", "8", "--order", "block", "--no-progress"]) == 2
+    assert "plan config differs" in one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in cut.iterdir() if p.is_file()} == files
 
 
 def test_resume_to_an_earlier_step_is_refused(run_dir, capsys):

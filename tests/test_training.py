@@ -75,10 +75,12 @@ def test_resume_drops_log_rows_after_the_checkpoint(tmp_path):
     assert step_loss(log) == step_loss(tmp_path / "a" / "log.csv")
 
 
-def test_resume_refuses_other_model_config(tmp_path):
-    Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=3)).train()
+def test_resume_refuses_other_model_or_plan_config(tmp_path):
+    Trainer(digits_model(), ARPlanConfig(order="raster"), small_train(tmp_path, steps=3)).train()
     with pytest.raises(CheckpointError, match="model config differs"):
-        Trainer(digits_model(hidden_size=64), ARPlanConfig(), small_train(tmp_path), resume=True)
+        Trainer(digits_model(hidden_size=64), ARPlanConfig(order="raster"), small_train(tmp_path), resume=True)
+    with pytest.raises(CheckpointError, match=r"plan config differs .*'order': \('raster', 'random'\)"):
+        Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path), resume=True)
 
 
 def test_existing_run_is_not_overwritten(tmp_path):

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import fields
 
 from ..ar_plan import ORDERS, WEIGHTINGS, ARPlanConfig
-from ..checkpoint import read_config
+from ..checkpoint import CheckpointError, read_config
 from ..configs import PAPER_CONFIGS, PaperConfig, get_config, scaled_lr
 from ..diffusion import PREDICTIONS
 from ..models import PRESETS, ModelConfig
@@ -148,6 +148,22 @@ def model_config_from_args(a: argparse.Namespace, saved: dict | None, num_classe
     return ModelConfig.from_dict({**base, **given})
 
 
+# ARPlanConfig field <- the train flag's argparse dest
+PLAN_FLAGS = dict(gamma="gamma", fixed_steps="ar_steps", order="order", block="block", dilation="dilation", lam="lam",
+                  weighting="weighting", t_per_step="t_per_step", t_copies="t_copies")
+
+
+def plan_config_from_args(a: argparse.Namespace, saved: dict | None, given: set[str]) -> ARPlanConfig:
+    """AR plan: the saved one when resuming, with the plan flags given explicitly on top (a differing
+    plan is then refused by the trainer, as a differing model is)."""
+    if saved is None:
+        return ARPlanConfig(**{f: getattr(a, d) for f, d in PLAN_FLAGS.items()})
+    try:
+        return ARPlanConfig(**{**saved, **{f: getattr(a, d) for f, d in PLAN_FLAGS.items() if d in given}})
+    except TypeError as e:  # unknown keys in a hand-edited config.json
+        raise CheckpointError(f"cannot resume {a.out}: config.json holds an invalid plan ({e})") from None
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from ..distributed import ScaleConfig, finalize_distributed, make_trainer
     from ..latent_cache import training_dataset
@@ -169,8 +185,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     finish_paper_config(a, given, tc, len(dataset))  # --config: epochs counted on this dataset
     a.image_size = dataset.image_size  # the model's image size is the latent size
     mc = model_config_from_args(a, saved and saved.get("model"), dataset.num_classes, dataset.image_size, dataset.channels)
-    plan = ARPlanConfig(gamma=a.gamma, fixed_steps=a.ar_steps, order=a.order, block=a.block, dilation=a.dilation,
-                        lam=a.lam, weighting=a.weighting, t_per_step=a.t_per_step, t_copies=a.t_copies)
+    plan = plan_config_from_args(a, saved and saved.get("plan"), given)
     callbacks = eval_callbacks(a, tc.seed)  # checked before anything is written
     for cb in callbacks:
         cb.check_tokens(mc.num_tokens)
