@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .ar_plan import ARPlanConfig
 from .files import atomic_path, write_json
 from .models import CausalFusion, ModelConfig
 
@@ -127,6 +128,15 @@ def read_run_config(run_dir: str | Path) -> dict:
         what = "is a file, not a run directory" if run_dir.exists() else "does not exist"
         raise CheckpointError(f"checkpoint directory {run_dir} {what}")
     return read_config(run_dir)
+
+
+def trained_order(run_dir: str | Path) -> dict:
+    """{"order", "block", "dilation"} of the plan a run was trained with (ARPlanConfig's defaults where
+    config.json has none). Sampling a run defaults to it: a model trained in raster order has never
+    seen a random order's groups, and at S > 1 turns them into noise."""
+    plan = read_run_config(run_dir).get("plan")
+    plan = plan if isinstance(plan, dict) else {}
+    return {k: plan.get(k, getattr(ARPlanConfig, k)) for k in ("order", "block", "dilation")}
 
 
 def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True) -> torch.nn.Module:

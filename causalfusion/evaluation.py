@@ -197,16 +197,20 @@ def evaluate_model(model: CausalFusion, settings: list[EvalSetting], extractor: 
     return rows
 
 
-def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: list[int] = (1,), order: str = "random",
+def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: list[int] = (1,), order: str | None = None,
                         steps: int = 250, cfg: float = 1.0, seed: int = 0, data: str | None = None,
                         inception: str | Path | None = None, ref: str | Path | None = None, raw: bool = False,
-                        device: str = "cpu", batch_size: int = 500, block: int = 4, dilation: int = 2,
-                        cache_dir: str | Path | None = None) -> list[dict]:
-    """Sample a run at each S in ``ar_steps`` and score it (see ``evaluate_model``)."""
+                        device: str = "cpu", batch_size: int = 500, block: int | None = None,
+                        dilation: int | None = None, cache_dir: str | Path | None = None) -> list[dict]:
+    """Sample a run at each S in ``ar_steps`` and score it (see ``evaluate_model``). ``order``,
+    ``block``, ``dilation``: None = the ones the run was trained with."""
     from .autoencoders import IdentityAutoencoder, run_autoencoder
-    from .checkpoint import load_model, read_config
+    from .checkpoint import load_model, read_config, trained_order
 
     model = load_model(ckpt, ema=not raw, device=device)
+    given = {k: v for k, v in dict(order=order, block=block, dilation=dilation).items() if v is not None}
+    run = {**trained_order(ckpt), **given}
+    order, block, dilation = run["order"], run["block"], run["dilation"]
     data = data or read_config(ckpt).get("data") or "digits"
     if data.startswith("latents:") and ref is None:
         raise ValueError("for a run trained on a latent cache, pass --ref (reference statistics of the real images)")
@@ -243,13 +247,14 @@ class EvalCallback:
     Appends ``step, ar_steps, fid, inception_score, precision, recall, accuracy, seconds`` rows to
     ``<run>/eval.csv`` and writes ``eval/<metric>_S<k>`` TensorBoard scalars when tensorboard is
     installed. Sampling uses its own generators, so the training RNG stream is untouched (a run
-    with and without in-loop evaluation trains identically).
+    with and without in-loop evaluation trains identically). ``order`` None samples in the trainer's
+    training order.
     """
 
     COLUMNS = ["step", "ar_steps", *METRICS, "seconds"]
 
     def __init__(self, every: int, n: int = 500, ar_steps: list[int] = (1,), steps: int = 50,
-                 order: str = "random", cfg: float = 1.0, seed: int = 0, inception: str | Path | None = None,
+                 order: str | None = None, cfg: float = 1.0, seed: int = 0, inception: str | Path | None = None,
                  ref: str | Path | None = None, cache_dir: str | Path | None = None, batch_size: int = 500):
         if every < 1:
             raise ValueError(f"--eval-every must be >= 1, got {every}")
@@ -258,7 +263,8 @@ class EvalCallback:
         if steps < 1:
             raise ValueError(f"--eval-steps must be >= 1, got {steps}")
         self.every, self.n, self.seed, self.batch_size = every, n, seed, batch_size
-        self.settings = [EvalSetting(int(s), order, steps, cfg) for s in ar_steps]
+        self.order = order  # None: the trainer's (set up at the first evaluation)
+        self.settings = [EvalSetting(int(s), order or "random", steps, cfg) for s in ar_steps]
         self.inception, self.ref, self.cache_dir = inception, ref, cache_dir
         self._ready = False
         self.history: list[dict] = []
@@ -279,6 +285,10 @@ class EvalCallback:
         self.extractor = make_extractor(data, self.inception, dev, self.cache_dir)
         self.reference = reference_stats(data, self.extractor, self.ref, self.cache_dir, trainer.cfg.image_size)
         self.check_tokens(trainer.model_cfg.num_tokens)
+        if self.order is None:  # sample in the order the run trains with
+            plan = trainer.plan_cfg
+            for st in self.settings:
+                st.order, st.block, st.dilation = plan.order, plan.block, plan.dilation
         ae = run_autoencoder(trainer.out, device=dev) if trainer.is_main else None
         self.autoencoder = None if ae is None or isinstance(ae, IdentityAutoencoder) else ae
         self.path = Path(trainer.out) / "eval.csv"

@@ -134,6 +134,22 @@ def test_resume_keeps_the_runs_ar_plan(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in cut.iterdir() if p.is_file()} == files
 
 
+def test_sample_defaults_to_the_runs_training_order(tmp_path, capsys):
+    run = tmp_path / "block"
+    assert main(["train", "--data", "digits", "--out", str(run), "--steps", "2", *TINY, "--order", "block",
+                 "--block", "1"]) == 0  # block 1 = raster, not the block default of 4 tiles
+    arrays = {}
+    for name, extra in [("default", []), ("explicit", ["--order", "block", "--block", "1"]),
+                        ("random", ["--order", "random"])]:
+        npz = tmp_path / f"{name}.npz"
+        assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "3", "--ar-steps", "4",
+                     "--out", str(tmp_path / f"{name}.png"), "--npz", str(npz), *extra]) == 0
+        arrays[name] = np.load(npz)["arr_0"]
+    assert "order block" in capsys.readouterr().out
+    assert np.array_equal(arrays["default"], arrays["explicit"])
+    assert not np.array_equal(arrays["default"], arrays["random"])
+
+
 def test_resume_to_an_earlier_step_is_refused(run_dir, capsys):
     files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     assert main(["train", "--out", str(run_dir), "--resume", "--steps", "2", "--no-progress"]) == 2

@@ -165,6 +165,23 @@ def test_in_loop_eval_logged_and_training_unchanged(cache, tmp_path, capsys):
     assert "--eval-every" in one_error_line(capsys) and not (tmp_path / "x").exists()
 
 
+def test_evaluation_samples_in_the_runs_training_order(cache, tmp_path):
+    from causalfusion.ar_plan import ARPlanConfig
+    from causalfusion.evaluation import EvalCallback
+    from causalfusion.models import ModelConfig
+    from causalfusion.trainer import Trainer, TrainConfig
+
+    mc = ModelConfig(image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=4, num_classes=10)
+    cb = EvalCallback(every=1, n=4, ar_steps=[2], steps=1)
+    Trainer(mc, ARPlanConfig(order="dilated", dilation=3),
+            TrainConfig(out=str(tmp_path), steps=1, batch_size=4, sample_every=0, progress=False)).train(callbacks=[cb])
+    assert [(h["order"], h["dilation"]) for h in cb.history] == [("dilated", 3)]
+    rows = evaluate_checkpoint(tmp_path, n=4, ar_steps=[2], steps=1)
+    assert [(r["order"], r["dilation"]) for r in rows] == [("dilated", 3)]
+    rows = evaluate_checkpoint(tmp_path, n=4, ar_steps=[2], steps=1, order="block", block=1)
+    assert [(r["order"], r["block"], r["dilation"]) for r in rows] == [("block", 1, 3)]
+
+
 # ---------------------------------------------------------------- probe
 
 def test_probe_tiny_checkpoint(run_dir, capsys):

@@ -52,8 +52,19 @@ def parse_classes(text: str | None, num_classes: int, flag: str = "--class") -> 
     return classes
 
 
+def fill_trained_order(a: argparse.Namespace) -> None:
+    """--order/--block/--dilation left out: the ones the run in --ckpt was trained with."""
+    from ..checkpoint import trained_order
+
+    for k, v in trained_order(a.ckpt).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+
+
 def sample_options(a: argparse.Namespace) -> dict:
-    """--groups/--order/--steps/--cfg-interval as the library wants them (parsed here, checked there)."""
+    """--groups/--order/--steps/--cfg-interval as the library wants them (parsed here, checked there);
+    fills in the run's training order where --order/--block/--dilation were left out."""
+    fill_trained_order(a)
     order = a.order
     if order not in ORDERS and any(ch.isdigit() for ch in order):
         order = ints(order, "--order")
@@ -70,14 +81,19 @@ def parse_interval(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def add_order_args(p: argparse.ArgumentParser, help: str = "token order at inference",
+                   choices: list[str] | None = ORDERS) -> None:
+    """--order/--block/--dilation for sampling a run; left out, they are the run's training ones."""
+    p.add_argument("--order", default=None, choices=choices, help=f"{help} (default: the run's training order)")
+    p.add_argument("--block", type=int, default=None, help="tile size of the block order (default: the run's)")
+    p.add_argument("--dilation", type=int, default=None, help="stride of the dilated order (default: the run's)")
+
+
 def add_sampler_args(p: argparse.ArgumentParser, what: str = "tokens") -> None:
     """The options `sample` and `edit` share: how the generated ``what`` are split, ordered and denoised."""
     p.add_argument("--ar-steps", type=int, default=None, help=f"S: AR steps with equal groups over the {what} (default 1)")
     p.add_argument("--groups", default=None, help=f"explicit group sizes of the {what}, e.g. 4,4,8")
-    p.add_argument("--order", default="random",
-                   help=f"token order: {', '.join(ORDERS)} or a permutation of 0..L-1 (comma separated)")
-    p.add_argument("--block", type=int, default=4, help="tile size of the block order")
-    p.add_argument("--dilation", type=int, default=2, help="stride of the dilated order")
+    add_order_args(p, f"token order: {', '.join(ORDERS)} or a permutation of 0..L-1 (comma separated)", choices=None)
     p.add_argument("--sampler", default="ddpm", help="ddpm (ancestral, as in the release) or ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--steps", default="250",

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..ar_plan import ORDERS
 from ..diffusion import PREDICTIONS
-from .common import check_outputs, ints
+from .common import add_order_args, check_outputs, ints
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -99,9 +98,7 @@ def add_parser(sub) -> None:
     e.add_argument("--data", default=None, help="reference data: digits or folder:PATH (default: the run's; --npz: digits)")
     e.add_argument("--n", type=int, default=2000, help="samples per inference setting (balanced classes)")
     e.add_argument("--ar-steps", default="1", help="S_eval value(s), comma separated, e.g. 1,2,4,8")
-    e.add_argument("--order", default="random", choices=ORDERS, help="token order at inference")
-    e.add_argument("--block", type=int, default=4, help="tile size of the block order")
-    e.add_argument("--dilation", type=int, default=2, help="stride of the dilated order")
+    add_order_args(e)
     e.add_argument("--steps", type=int, default=250, help="DDPM steps per AR step")
     e.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     e.add_argument("--seed", type=int, default=0)

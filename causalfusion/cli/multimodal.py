@@ -20,7 +20,7 @@ from ..checkpoint import CheckpointError, read_config
 from ..diffusion import PREDICTIONS
 from ..models import PRESETS, ModelConfig
 from ..multimodal.objective import TRANSFUSION_IMAGE_PLAN, MixConfig
-from .common import check_outputs, ints, parse_interval
+from .common import add_order_args, check_outputs, fill_trained_order, ints, parse_interval
 
 # The shapes defaults: 16 px RGB, 4x4 patches -> 16 image tokens.
 MM_MODEL = dict(image_size=16, in_channels=3, patch_size=4, num_classes=0, class_tokens=1)
@@ -143,10 +143,11 @@ def cmd_t2i(a: argparse.Namespace) -> None:
     groups = ints(a.groups, "--groups") if a.groups is not None else None
     interval = parse_interval(a.cfg_interval)
     model, tok = load_multimodal(a.ckpt, ema=not a.raw)
+    fill_trained_order(a)
     prompts = [p for p in a.prompt for _ in range(a.n)]
     images = text_to_image(model, tok, prompts, cfg=a.cfg, cfg_interval=interval,
-                           ar_steps=a.ar_steps, groups=groups, order=a.order, steps=a.steps, sampler=a.sampler,
-                           seed=a.seed, cache=not a.no_cache)
+                           ar_steps=a.ar_steps, groups=groups, order=a.order, block=a.block, dilation=a.dilation,
+                           steps=a.steps, sampler=a.sampler, seed=a.seed, cache=not a.no_cache)
     save_grid(images, a.out, nrow=a.n)
     print(f"wrote {a.out}: {len(a.prompt)} prompt(s) x {a.n} (one row per prompt)")
     if a.check:
@@ -207,7 +208,7 @@ def add_commands(sub) -> None:
     s.add_argument("--cfg-interval", default="0,1000", help="guide only for t in [LO,HI)")
     s.add_argument("--ar-steps", type=int, default=None, help="S AR steps, equal groups (default 1)")
     s.add_argument("--groups", default=None, help="explicit group sizes, e.g. 4,4,8")
-    s.add_argument("--order", default="random", choices=ORDERS)
+    add_order_args(s)
     s.add_argument("--steps", type=int, default=100, help="diffusion steps per AR step")
     s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     s.add_argument("--seed", type=int, default=0)

@@ -83,9 +83,9 @@ class _TextConditioned:
 @torch.no_grad()
 def text_to_image(model: MultimodalCausalFusion, tokenizer: TextTokenizer, prompts: Sequence[str], *,
                   cfg: float = 3.0, cfg_interval: tuple[float, float] = (0, 1000), ar_steps: int | None = None,
-                  groups: Sequence[int] | None = None, order="random", steps: int | Sequence[int] = 50,
-                  sampler: str = "ddpm", eta: float = 0.0, seed: int = 0, first_index: int = 0,
-                  cache: bool = True, progress: bool = False) -> torch.Tensor:
+                  groups: Sequence[int] | None = None, order="random", block: int = 4, dilation: int = 2,
+                  steps: int | Sequence[int] = 50, sampler: str = "ddpm", eta: float = 0.0, seed: int = 0,
+                  first_index: int = 0, cache: bool = True, progress: bool = False) -> torch.Tensor:
     """Prompts -> images [len(prompts), C, H, W] in [-1, 1]. ``cfg`` guides against the text-free
     image model for t in ``cfg_interval``; the rest are ``sampling.sample``'s options."""
     if not prompts:
@@ -95,7 +95,8 @@ def text_to_image(model: MultimodalCausalFusion, tokenizer: TextTokenizer, promp
     ids = torch.stack([tokenizer.prompt(p, model.text_len) for p in prompts]).to(device)
     view = _TextConditioned(model, ids)
     labels = torch.zeros(len(prompts), dtype=torch.long)
-    return sample(view, labels, ar_steps=ar_steps, groups=groups, order=order, steps=steps, sampler=sampler,
+    return sample(view, labels, ar_steps=ar_steps, groups=groups, order=order, block=block, dilation=dilation,
+                  steps=steps, sampler=sampler,
                   eta=eta, cfg=cfg, cfg_interval=cfg_interval, seed=seed, first_index=first_index, cache=cache,
                   progress=progress)
 
