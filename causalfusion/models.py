@@ -255,12 +255,12 @@ class CausalFusion(nn.Module):
         """Predict the noise (or v) of every noisy token.
 
         x0: clean images [B, C, H, W]; xt: K noisy versions [B, K, C, H, W]; t: [B, K, L]
-        timesteps in AR order; y: [B]; order: [B, L] raster index of each AR position.
+        timesteps in AR order (K=1 too); y: [B]; order: [B, L] (or [L], shared) raster index of each AR
+        position.
         Returns output tokens [B, K, L, P] in AR order (eps, or v with ``prediction="v"``).
         """
+        order = self._check_forward_shapes(x0, xt, t, y, group_sizes, order)
         b, k = xt.shape[:2]
-        if sum(group_sizes) != self.cfg.num_tokens:
-            raise ValueError(f"group sizes {list(group_sizes)} sum to {sum(group_sizes)}, not L={self.cfg.num_tokens}")
         num_tokens, n_clean = self.cfg.num_tokens, num_tokens_before_last(group_sizes)
         idx = order[..., None].expand(b, num_tokens, self.cfg.patch_dim)
         clean = torch.gather(self.patchify(x0), 1, idx)[:, :n_clean]
@@ -273,6 +273,26 @@ class CausalFusion(nn.Module):
         mask = generalized_causal_mask(group_sizes, self.cfg.num_cond, k, device=h.device)
         h = self.run_blocks(h, mask)
         return self.output(h[:, -k * num_tokens:]).view(b, k, num_tokens, self.cfg.patch_dim)
+
+    def _check_forward_shapes(self, x0, xt, t, y, group_sizes, order) -> torch.Tensor:
+        """One clear line for a mis-shaped ``forward`` input; a shared order [L] -> [B, L]."""
+        c, b, L = self.cfg, x0.shape[0], self.cfg.num_tokens
+        image = (c.in_channels, c.image_size, c.image_size)
+        if tuple(x0.shape[1:]) != image:
+            raise ValueError(f"x0 must be [B, {', '.join(map(str, image))}], got {list(x0.shape)}")
+        if xt.ndim != 5 or xt.shape[0] != b or tuple(xt.shape[2:]) != image:
+            raise ValueError(f"xt must be [B, K, {', '.join(map(str, image))}] (K noisy copies, K=1 too), "
+                             f"got {list(xt.shape)}")
+        if tuple(t.shape) != (b, xt.shape[1], L):
+            raise ValueError(f"t must be [B, K, L] = {[b, xt.shape[1], L]} (AR order), got {list(t.shape)}")
+        if tuple(y.shape) != (b,):
+            raise ValueError(f"y must be [B] = [{b}], got {list(y.shape)}")
+        if sum(group_sizes) != L:
+            raise ValueError(f"group sizes {list(group_sizes)} sum to {sum(group_sizes)}, not L={L}")
+        order = order.expand(b, L) if order.ndim == 1 else order
+        if tuple(order.shape) != (b, L):
+            raise ValueError(f"order must be [B, L] or [L] = [{L}], got {list(order.shape)}")
+        return order
 
     # ---- one-AR-step denoiser (S = 1, In-context DiT mode) -----------------------------------
     def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -98,8 +98,8 @@ def resolve_groups(num_tokens: int, ar_steps: int | None = None, groups: Sequenc
 
 
 def resolve_steps(steps: int | Sequence[int], num_ar_steps: int, num_timesteps: int = 1000) -> list[int]:
-    """Diffusion steps of every AR step: one number for all, or one per AR step."""
-    per = [int(v) for v in steps] if isinstance(steps, Sequence) else [int(steps)]
+    """Diffusion steps of every AR step: one number for all, or one per AR step (list, array or tensor)."""
+    per = [int(v) for v in torch.as_tensor(steps).reshape(-1).tolist()]
     if len(per) == 1:
         per = per * num_ar_steps
     if len(per) != num_ar_steps:

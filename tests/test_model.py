@@ -2,6 +2,8 @@
 parameter counts, zero-init head, patchify, config round-trip, KV cache."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -186,6 +188,28 @@ def test_k_copies_match_single_copy_forward():
             ref = model(x0, xt[:, j:j + 1], t[:, j:j + 1], y, groups, order)
             assert_same(out[:, j:j + 1], ref)
         assert_changed(out[:, 0], out[:, 1])  # copies are really different inputs
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (lambda x0, xt, t, y, o: (x0, xt[:, 0], t, y, o), "xt must be [B, K, 2, 8, 8]"),
+    (lambda x0, xt, t, y, o: (x0, xt, t[:, 0], y, o), "t must be [B, K, L] = [2, 1, 16]"),
+    (lambda x0, xt, t, y, o: (x0, xt, t, y[:, None], o), "y must be [B] = [2]"),
+    (lambda x0, xt, t, y, o: (x0[:, :, :4], xt, t, y, o), "x0 must be [B, 2, 8, 8]"),
+    (lambda x0, xt, t, y, o: (x0, xt, t, y, o[:, :8]), "order must be [B, L] or [L] = [16]"),
+])
+def test_forward_refuses_misshaped_inputs_in_one_line(bad, needle):
+    model = make_tiny_model()
+    x0, xt, t, y, order = bad(*make_inputs(model))
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        model(x0, xt, t, y, [8, 8], order)
+
+
+@torch.no_grad()
+def test_shared_order_is_every_samples_order():
+    model = make_tiny_model()
+    x0, xt, t, y, order = make_inputs(model)
+    shared = order[0]
+    assert_same(model(x0, xt, t, y, [4, 12], shared), model(x0, xt, t, y, [4, 12], shared.expand(2, -1)))
 
 
 @torch.no_grad()

@@ -210,6 +210,16 @@ def test_bad_arguments_are_refused_with_one_line(model, kw, needle):
     assert needle in msg and "\n" not in msg
 
 
+def test_steps_per_ar_step_from_a_list_an_array_or_a_tensor():
+    import numpy as np
+
+    from causalfusion.sampling import resolve_steps
+
+    for steps in ([10, 5], (10, 5), np.array([10, 5]), torch.tensor([10, 5])):
+        assert resolve_steps(steps, 2) == [10, 5], type(steps)
+    assert resolve_steps(np.int64(7), 3) == resolve_steps(torch.tensor(7), 3) == [7, 7, 7]
+
+
 def test_resolve_groups_defaults():
     assert resolve_groups(16) == [16]
     assert resolve_groups(16, 4) == [4, 4, 4, 4]
