@@ -130,13 +130,15 @@ def read_run_config(run_dir: str | Path) -> dict:
     return read_config(run_dir)
 
 
-def trained_order(run_dir: str | Path) -> dict:
-    """{"order", "block", "dilation"} of the plan a run was trained with (ARPlanConfig's defaults where
-    config.json has none). Sampling a run defaults to it: a model trained in raster order has never
-    seen a random order's groups, and at S > 1 turns them into noise."""
+def trained_order(run_dir: str | Path, order: str | None = None, block: int | None = None,
+                  dilation: int | None = None) -> dict:
+    """{"order", "block", "dilation"} to sample a run with: the given ones, and for those left None
+    the plan the run was trained with (ARPlanConfig's defaults where config.json has none). A model
+    trained in raster order has never seen a random order's groups, and at S > 1 turns them into noise."""
     plan = read_run_config(run_dir).get("plan")
     plan = plan if isinstance(plan, dict) else {}
-    return {k: plan.get(k, getattr(ARPlanConfig, k)) for k in ("order", "block", "dilation")}
+    given = dict(order=order, block=block, dilation=dilation)
+    return {k: plan.get(k, getattr(ARPlanConfig, k)) if v is None else v for k, v in given.items()}
 
 
 def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True) -> torch.nn.Module:

@@ -208,8 +208,7 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: list[int] = (
     from .checkpoint import load_model, read_config, trained_order
 
     model = load_model(ckpt, ema=not raw, device=device)
-    given = {k: v for k, v in dict(order=order, block=block, dilation=dilation).items() if v is not None}
-    run = {**trained_order(ckpt), **given}
+    run = trained_order(ckpt, order, block, dilation)
     order, block, dilation = run["order"], run["block"], run["dilation"]
     data = data or read_config(ckpt).get("data") or "digits"
     if data.startswith("latents:") and ref is None:

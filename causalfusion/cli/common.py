@@ -56,9 +56,8 @@ def fill_trained_order(a: argparse.Namespace) -> None:
     """--order/--block/--dilation left out: the ones the run in --ckpt was trained with."""
     from ..checkpoint import trained_order
 
-    for k, v in trained_order(a.ckpt).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    for k, v in trained_order(a.ckpt, a.order, a.block, a.dilation).items():
+        setattr(a, k, v)
 
 
 def sample_options(a: argparse.Namespace) -> dict:
