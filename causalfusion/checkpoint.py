@@ -130,15 +130,13 @@ def read_run_config(run_dir: str | Path) -> dict:
     return read_config(run_dir)
 
 
-def trained_order(run_dir: str | Path, order: str | None = None, block: int | None = None,
-                  dilation: int | None = None) -> dict:
-    """{"order", "block", "dilation"} to sample a run with: the given ones, and for those left None
-    the plan the run was trained with (ARPlanConfig's defaults where config.json has none). A model
-    trained in raster order has never seen a random order's groups, and at S > 1 turns them into noise."""
-    plan = read_run_config(run_dir).get("plan")
-    plan = plan if isinstance(plan, dict) else {}
-    given = dict(order=order, block=block, dilation=dilation)
-    return {k: plan.get(k, getattr(ARPlanConfig, k)) if v is None else v for k, v in given.items()}
+def trained_order(config: dict) -> dict:
+    """{"order", "block", "dilation"} of the plan in a run's config.json (ARPlanConfig's defaults
+    where it has none). ``load_model`` attaches them to the model as ``model.trained_order``, and
+    sampling defaults to them: a model trained in raster order has never seen a random order's
+    groups, and at S > 1 turns them into noise."""
+    plan = config.get("plan") if isinstance(config.get("plan"), dict) else {}
+    return {k: plan.get(k, getattr(ARPlanConfig, k)) for k in ("order", "block", "dilation")}
 
 
 def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True) -> torch.nn.Module:
@@ -151,10 +149,12 @@ def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True)
 
 
 def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> CausalFusion:
-    """The model of a run directory, EMA weights by default, in eval mode."""
+    """The model of a run directory, EMA weights by default, in eval mode, with the token order it
+    was trained with as ``model.trained_order`` (see ``trained_order``)."""
     config = read_run_config(run_dir)
     try:
         model = CausalFusion(ModelConfig.from_dict(config["model"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir}/config.json has no valid model config ({e})") from None
+    model.trained_order = trained_order(config)
     return load_weights(run_dir, model, ema).to(device).eval()

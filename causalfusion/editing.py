@@ -26,7 +26,7 @@ from .autoencoders import Autoencoder
 from .edit_masks import parse_mask, token_mask, token_pixels
 from .generation_path import GenerationPath
 from .models import CausalFusion
-from .sampling import sample
+from .sampling import model_order, sample
 
 GREY = 0.0  # how the masked input shows the regenerated area ([-1, 1] scale: mid grey)
 
@@ -81,7 +81,7 @@ def edit(
     fraction: float | None = None,
     ar_steps: int | None = None,
     groups: Sequence[int] | None = None,
-    order: str | Sequence[int] | torch.Tensor = "random",
+    order: str | Sequence[int] | torch.Tensor | None = None,
     steps: int | Sequence[int] = 250,
     sampler: str = "ddpm",
     eta: float = 0.0,
@@ -90,8 +90,8 @@ def edit(
     seed: int = 0,
     first_index: int = 0,
     cache: bool = True,
-    block: int = 4,
-    dilation: int = 2,
+    block: int | None = None,
+    dilation: int | None = None,
     autoencoder: Autoencoder | None = None,
     path: GenerationPath | None = None,
     progress: bool = False,
@@ -161,8 +161,13 @@ def edit_accuracy(
     num: int = 100,
     cfgs: Sequence[float] = (1.0,),
     ar_steps: int | None = None,
-    order: str = "random",
+    order: str | None = None,
     steps: int = 50,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    cfg_interval: tuple[float, float] = (0, 1000),
+    block: int | None = None,
+    dilation: int | None = None,
     seed: int = 0,
     batch_size: int = 100,
     cache: bool = True,
@@ -176,7 +181,8 @@ def edit_accuracy(
     often the classifier reads the new class on the edited images (``edited_new``), on the unedited
     images (``baseline_new``, the baseline), how often it still reads the old class after the edit
     (``edited_old``), and, for reference, how often it reads the new class on plain samples of it
-    (``generated_new``: S=1, same steps, CFG and seed, no visible context).
+    (``generated_new``: S=1, same steps, CFG and seed, no visible context). ``order``/``block``/
+    ``dilation`` None: the model's training ones; the sampler options are ``sample``'s.
     """
     from .data import load_digits_split
     from .digits_check import classify_digits
@@ -194,7 +200,9 @@ def edit_accuracy(
     read = classify_digits(x)
     baseline_new = float((read == target.numpy()).mean())
     baseline_old = float((read == y.numpy()).mean())
-    kw = dict(steps=steps, seed=seed, cache=cache, progress=progress)
+    order, block, dilation = model_order(model, order, block, dilation)
+    kw = dict(steps=steps, sampler=sampler, eta=eta, cfg_interval=cfg_interval, seed=seed, cache=cache,
+              progress=progress)
     rows = []
     for cfg in cfgs:
         gen = torch.cat([sample(model, target[s:s + batch_size], cfg=cfg, first_index=s, **kw)
@@ -202,7 +210,8 @@ def edit_accuracy(
         generated_new = float((classify_digits(gen) == target.numpy()).mean())
         for region in regions:
             out = torch.cat([edit(model, x[s:s + batch_size], region, target[s:s + batch_size], fraction=fraction,
-                                  ar_steps=ar_steps, order=order, cfg=cfg, first_index=s, **kw)
+                                  ar_steps=ar_steps, order=order, block=block, dilation=dilation, cfg=cfg,
+                                  first_index=s, **kw)
                              for s in range(0, num, batch_size)])
             pred = classify_digits(out)
             rows.append(dict(region=region, cfg=float(cfg), ar_steps=ar_steps or 1, order=order, steps=steps, n=num,

@@ -205,11 +205,11 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: list[int] = (
     """Sample a run at each S in ``ar_steps`` and score it (see ``evaluate_model``). ``order``,
     ``block``, ``dilation``: None = the ones the run was trained with."""
     from .autoencoders import IdentityAutoencoder, run_autoencoder
-    from .checkpoint import load_model, read_config, trained_order
+    from .checkpoint import load_model, read_config
+    from .sampling import model_order
 
     model = load_model(ckpt, ema=not raw, device=device)
-    run = trained_order(ckpt, order, block, dilation)
-    order, block, dilation = run["order"], run["block"], run["dilation"]
+    order, block, dilation = model_order(model, order, block, dilation)
     data = data or read_config(ckpt).get("data") or "digits"
     if data.startswith("latents:") and ref is None:
         raise ValueError("for a run trained on a latent cache, pass --ref (reference statistics of the real images)")
@@ -247,7 +247,7 @@ class EvalCallback:
     ``<run>/eval.csv`` and writes ``eval/<metric>_S<k>`` TensorBoard scalars when tensorboard is
     installed. Sampling uses its own generators, so the training RNG stream is untouched (a run
     with and without in-loop evaluation trains identically). ``order`` None samples in the trainer's
-    training order.
+    training order; the block and dilation are always the trainer's.
     """
 
     COLUMNS = ["step", "ar_steps", *METRICS, "seconds"]
@@ -284,10 +284,9 @@ class EvalCallback:
         self.extractor = make_extractor(data, self.inception, dev, self.cache_dir)
         self.reference = reference_stats(data, self.extractor, self.ref, self.cache_dir, trainer.cfg.image_size)
         self.check_tokens(trainer.model_cfg.num_tokens)
-        if self.order is None:  # sample in the order the run trains with
-            plan = trainer.plan_cfg
-            for st in self.settings:
-                st.order, st.block, st.dilation = plan.order, plan.block, plan.dilation
+        plan = trainer.plan_cfg  # sample in the order the run trains with (or the given one, same tiles)
+        for st in self.settings:
+            st.order, st.block, st.dilation = self.order or plan.order, plan.block, plan.dilation
         ae = run_autoencoder(trainer.out, device=dev) if trainer.is_main else None
         self.autoencoder = None if ae is None or isinstance(ae, IdentityAutoencoder) else ae
         self.path = Path(trainer.out) / "eval.csv"

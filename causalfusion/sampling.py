@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .ar_plan import ORDERS, equal_group_sizes, token_order
+from .ar_plan import ORDERS, ARPlanConfig, equal_group_sizes, token_order
 from .diffusion import Diffusion
 from .generation_path import GenerationPath
 from .kv_cache import KVCache
@@ -109,6 +109,16 @@ def resolve_steps(steps: int | Sequence[int], num_ar_steps: int, num_timesteps: 
     if bad:
         raise ValueError(f"diffusion steps per AR step must be in 1..{num_timesteps}, got {bad[0]}")
     return per
+
+
+def model_order(model: torch.nn.Module, order: str | Sequence[int] | torch.Tensor | None = None,
+                block: int | None = None, dilation: int | None = None) -> tuple:
+    """(order, block, dilation): the given ones, and for those left None the ones ``model`` was
+    trained with (``model.trained_order``, set by ``checkpoint.load_model``), else the paper's
+    random order."""
+    trained = getattr(model, "trained_order", None) or {}
+    given = dict(order=order, block=block, dilation=dilation)
+    return tuple(trained.get(k, getattr(ARPlanConfig, k)) if v is None else v for k, v in given.items())
 
 
 def resolve_order(order: str | Sequence[int] | torch.Tensor, batch: int, grid: tuple[int, int],
@@ -225,7 +235,7 @@ def sample(
     *,
     ar_steps: int | None = None,
     groups: Sequence[int] | None = None,
-    order: str | Sequence[int] | torch.Tensor = "random",
+    order: str | Sequence[int] | torch.Tensor | None = None,
     steps: int | Sequence[int] = 250,
     sampler: str = "ddpm",
     eta: float = 0.0,
@@ -234,8 +244,8 @@ def sample(
     seed: int = 0,
     first_index: int = 0,
     cache: bool = True,
-    block: int = 4,
-    dilation: int = 2,
+    block: int | None = None,
+    dilation: int | None = None,
     path: GenerationPath | None = None,
     progress: bool = False,
     known: torch.Tensor | None = None,
@@ -244,7 +254,8 @@ def sample(
     """Next-token(s) diffusion. labels [B] (``num_classes`` = unconditional) -> images [B, C, H, W].
 
     ``ar_steps`` S (equal groups, default 1) or explicit ``groups`` |k_1|..|k_S| (sum L); ``order``
-    a name of ``ORDERS`` or a permutation; ``steps`` diffusion steps per AR step (one number, or one
+    a name of ``ORDERS`` or a permutation (None, and ``block``/``dilation`` None: the model's training
+    ones, see ``model_order``); ``steps`` diffusion steps per AR step (one number, or one
     per AR step; the paper's default is 250 DDPM steps); ``sampler`` ``ddpm`` (ancestral, fixed
     large variance) or ``ddim`` with ``eta``; ``cfg``/``cfg_interval`` classifier-free guidance for
     t in [lo, hi); ``first_index`` the global index of the first sample (per-sample seeding);
@@ -271,6 +282,7 @@ def sample(
     device = next(model.parameters()).device
     b, num_tokens, patch_dim = labels.shape[0], c.num_tokens, c.patch_dim
     indices = range(first_index, first_index + b)
+    order, block, dilation = model_order(model, order, block, dilation)
     order = resolve_order(order, b, c.grid, order_generators(seed, indices), block, dilation).to(device)
     if keep is not None:  # the known tokens first, the others in the order's relative order
         order = order.gather(1, torch.argsort((~keep.to(device).gather(1, order)).int(), dim=1, stable=True))

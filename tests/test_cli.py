@@ -148,6 +148,15 @@ def test_sample_defaults_to_the_runs_training_order(tmp_path, capsys):
     assert "order block" in capsys.readouterr().out
     assert np.array_equal(arrays["default"], arrays["explicit"])
     assert not np.array_equal(arrays["default"], arrays["random"])
+    # the Python API: load_model records the training order, sample defaults to it
+    from causalfusion.checkpoint import load_model
+    from causalfusion.sampling import sample
+
+    model = load_model(run)
+    assert model.trained_order == {"order": "block", "block": 1, "dilation": 2}
+    labels = torch.tensor([3, 5])
+    assert torch.equal(sample(model, labels, ar_steps=4, steps=2),
+                       sample(model, labels, ar_steps=4, steps=2, order="block", block=1))
 
 
 def test_resume_to_an_earlier_step_is_refused(run_dir, capsys):

@@ -29,6 +29,18 @@ def _one_line_error(capsys, argv: list[str], match: str) -> None:
     assert len(err.splitlines()) == 1 and match in err, err
 
 
+def test_text_to_image_defaults_to_the_training_order(run):
+    from causalfusion.multimodal import text_to_image
+
+    model, tok = load_multimodal(run)
+    assert model.trained_order == {"order": "random", "block": 4, "dilation": 2}
+    model.trained_order = {"order": "dilated", "block": 4, "dilation": 3}  # as if trained so
+    kw = dict(ar_steps=4, steps=2, cfg=1.0)
+    dilated = text_to_image(model, tok, ["red circle"], order="dilated", dilation=3, **kw)
+    assert torch.equal(text_to_image(model, tok, ["red circle"], **kw), dilated)
+    assert not torch.equal(text_to_image(model, tok, ["red circle"], order="random", **kw), dilated)
+
+
 def test_train_resume_t2i_caption_eval(run, tmp_path, capsys):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["kind"] == "multimodal" and (run / "tokenizer.json").is_file()

@@ -52,18 +52,17 @@ def parse_classes(text: str | None, num_classes: int, flag: str = "--class") -> 
     return classes
 
 
-def fill_trained_order(a: argparse.Namespace) -> None:
-    """--order/--block/--dilation left out: the ones the run in --ckpt was trained with."""
-    from ..checkpoint import trained_order
+def fill_trained_order(a: argparse.Namespace, model: torch.nn.Module) -> None:
+    """--order/--block/--dilation left out: the ones the loaded run was trained with."""
+    from ..sampling import model_order
 
-    for k, v in trained_order(a.ckpt, a.order, a.block, a.dilation).items():
-        setattr(a, k, v)
+    a.order, a.block, a.dilation = model_order(model, a.order, a.block, a.dilation)
 
 
-def sample_options(a: argparse.Namespace) -> dict:
+def sample_options(a: argparse.Namespace, model: torch.nn.Module) -> dict:
     """--groups/--order/--steps/--cfg-interval as the library wants them (parsed here, checked there);
     fills in the run's training order where --order/--block/--dilation were left out."""
-    fill_trained_order(a)
+    fill_trained_order(a, model)
     order = a.order
     if order not in ORDERS and any(ch.isdigit() for ch in order):
         order = ints(order, "--order")

@@ -17,7 +17,7 @@ def cmd_edit(a: argparse.Namespace) -> None:
 
     check_outputs(a.out, a.npz, a.json)
     model = load_model(a.ckpt, ema=not a.raw, device=a.device)
-    opts = sample_options(a)
+    opts = sample_options(a, model)
     try:
         cfgs = [float(v) for v in a.cfg.split(",") if v.strip()]
     except ValueError:
@@ -33,8 +33,9 @@ def cmd_edit(a: argparse.Namespace) -> None:
         if not regions:
             raise ValueError(f"--mask expects region names (e.g. center,top), got {a.mask!r}")
         rows = edit_accuracy(model, regions=regions, num=a.eval_digits, cfgs=cfgs,
-                             ar_steps=a.ar_steps, order=opts["order"], steps=opts["steps"][0], seed=a.seed,
-                             batch_size=a.batch_size, cache=not a.no_cache, fraction=a.mask_frac)
+                             ar_steps=a.ar_steps, order=opts["order"], steps=opts["steps"][0], sampler=a.sampler,
+                             eta=a.eta, cfg_interval=opts["cfg_interval"], block=a.block, dilation=a.dilation,
+                             seed=a.seed, batch_size=a.batch_size, cache=not a.no_cache, fraction=a.mask_frac)
         print(format_accuracy(rows))
         if a.json:
             with open(a.json, "w") as f:

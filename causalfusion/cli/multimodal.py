@@ -143,7 +143,7 @@ def cmd_t2i(a: argparse.Namespace) -> None:
     groups = ints(a.groups, "--groups") if a.groups is not None else None
     interval = parse_interval(a.cfg_interval)
     model, tok = load_multimodal(a.ckpt, ema=not a.raw)
-    fill_trained_order(a)
+    fill_trained_order(a, model)
     prompts = [p for p in a.prompt for _ in range(a.n)]
     images = text_to_image(model, tok, prompts, cfg=a.cfg, cfg_interval=interval,
                            ar_steps=a.ar_steps, groups=groups, order=a.order, block=a.block, dilation=a.dilation,

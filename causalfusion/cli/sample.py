@@ -38,7 +38,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
         raise ValueError("--check-digits needs class-conditional samples of an 8x8 one-channel digits model")
     if a.path_gif and model.cfg.in_channels not in (1, 3):
         raise ValueError(f"--path-gif needs 1- or 3-channel images, the model has {model.cfg.in_channels}")
-    opts = sample_options(a)
+    opts = sample_options(a, model)
     groups = resolve_groups(model.cfg.num_tokens, a.ar_steps, opts["groups"])
     labels = torch.tensor(classes).repeat(-(-a.n // len(classes)))[: a.n].sort(stable=True).values
     path = GenerationPath() if a.path_gif else None

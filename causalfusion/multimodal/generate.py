@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..sampling import check_cfg, sample, sample_generators
+from ..sampling import check_cfg, model_order, sample, sample_generators
 from .model import MultimodalCausalFusion
 from .tokenizer import TextTokenizer
 
@@ -83,17 +83,20 @@ class _TextConditioned:
 @torch.no_grad()
 def text_to_image(model: MultimodalCausalFusion, tokenizer: TextTokenizer, prompts: Sequence[str], *,
                   cfg: float = 3.0, cfg_interval: tuple[float, float] = (0, 1000), ar_steps: int | None = None,
-                  groups: Sequence[int] | None = None, order="random", block: int = 4, dilation: int = 2,
-                  steps: int | Sequence[int] = 50, sampler: str = "ddpm", eta: float = 0.0, seed: int = 0,
-                  first_index: int = 0, cache: bool = True, progress: bool = False) -> torch.Tensor:
-    """Prompts -> images [len(prompts), C, H, W] in [-1, 1]. ``cfg`` guides against the text-free
-    image model for t in ``cfg_interval``; the rest are ``sampling.sample``'s options."""
+                  groups: Sequence[int] | None = None, order=None, block: int | None = None,
+                  dilation: int | None = None, steps: int | Sequence[int] = 50, sampler: str = "ddpm",
+                  eta: float = 0.0, seed: int = 0, first_index: int = 0, cache: bool = True,
+                  progress: bool = False) -> torch.Tensor:
+    """Prompts -> images [len(prompts), C, H, W] in the data range [-1, 1], not clamped. ``cfg``
+    guides against the text-free image model for t in ``cfg_interval``; the rest are
+    ``sampling.sample``'s options (``order`` None: the model's training order)."""
     if not prompts:
         raise ValueError("no prompts given")
     check_cfg(cfg, cfg_interval)
     device = next(model.parameters()).device
     ids = torch.stack([tokenizer.prompt(p, model.text_len) for p in prompts]).to(device)
     view = _TextConditioned(model, ids)
+    order, block, dilation = model_order(model, order, block, dilation)  # the view does not carry them
     labels = torch.zeros(len(prompts), dtype=torch.long)
     return sample(view, labels, ar_steps=ar_steps, groups=groups, order=order, block=block, dilation=dilation,
                   steps=steps, sampler=sampler,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..ar_plan import ARPlanConfig
 from ..checkpoint import (CheckpointError, load_training_state, load_weights, read_config, read_run_config,
-                          save_checkpoint, write_config)
+                          save_checkpoint, trained_order, write_config)
 from ..diffusion import Diffusion
 from ..models import ModelConfig
 from ..trainer import (adamw, apply_gradients, check_finite, check_precision, check_resume_step, check_run_dir,
@@ -188,4 +188,5 @@ def load_multimodal(run_dir: str | Path, ema: bool = True, device: str = "cpu") 
         raise CheckpointError(f"{run_dir}/config.json has no valid model/text config ({e})") from None
     if model.text_cfg.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(f"{run_dir}/tokenizer.json has {tokenizer.vocab_size} tokens, the model {model.text_cfg.vocab_size}")
+    model.trained_order = trained_order(config)  # sampling's default order (see checkpoint.trained_order)
     return load_weights(run_dir, model, ema).to(device).eval(), tokenizer
