@@ -293,6 +293,26 @@ def test_cli_edit_writes_grid_and_npz(run_dir, tmp_path, capsys):
     assert "| top |" in capsys.readouterr().out
 
 
+def test_cli_eval_digits_passes_every_sampler_option_on(run_dir, monkeypatch):
+    """--eval-digits samples and edits with the given sampler, eta, CFG interval and block tiles."""
+    import causalfusion.editing as editing
+
+    calls = []
+
+    def record(model, labels, **kw):
+        calls.append(kw)
+        return torch.zeros(len(labels), 1, 8, 8)
+
+    monkeypatch.setattr(editing, "sample", record)
+    assert main(["edit", "--ckpt", str(run_dir), "--eval-digits", "2", "--mask", "top", "--steps", "2",
+                 "--sampler", "ddim", "--eta", "0.5", "--cfg-interval", "100,600", "--order", "block", "--block", "1",
+                 "--ar-steps", "2"]) == 0
+    assert len(calls) == 2  # the plain samples (generated_new), then the edits
+    for kw in calls:
+        assert (kw["sampler"], kw["eta"], kw["cfg_interval"]) == ("ddim", 0.5, (100.0, 600.0))
+    assert (calls[1]["order"], calls[1]["block"], calls[1]["ar_steps"]) == ("block", 1, 2)
+
+
 def _bad_inputs(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ok.png")
     Image.fromarray(np.full((6, 6), 255, np.uint8)).save(tmp_path / "mask6.png")
