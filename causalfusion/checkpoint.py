@@ -152,6 +152,9 @@ def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device
     """The model of a run directory, EMA weights by default, in eval mode, with the token order it
     was trained with as ``model.trained_order`` (see ``trained_order``)."""
     config = read_run_config(run_dir)
+    if config.get("kind") == "multimodal":
+        raise CheckpointError(f"{run_dir} is a multimodal run: use t2i, caption or eval-mm "
+                              "(Python: multimodal.load_multimodal)")
     try:
         model = CausalFusion(ModelConfig.from_dict(config["model"]))
     except (KeyError, TypeError, ValueError) as e:

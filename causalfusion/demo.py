@@ -38,7 +38,12 @@ def check_samples(model, out: Path, per_class: int = 20, steps: int = 100, cfg: 
 
 
 def run_demo(out: str = "runs/demo", steps: int | None = None, resume: bool = False, **overrides) -> dict:
-    """Train (or resume) the demo run in ``out``; write grids; return paths and the accuracy."""
+    """Train (or resume) the demo run in ``out``; write grids; return paths and the accuracy.
+    Resumed without ``steps``, the run goes on to the step count it was started with."""
+    if resume and steps is None:
+        from .checkpoint import read_run_config
+
+        steps = read_run_config(out).get("train", {}).get("steps")
     model_cfg, plan_cfg, train_cfg = demo_configs(out, steps, **overrides)
     trainer = Trainer(model_cfg, plan_cfg, train_cfg, resume=resume)
     trainer.train()

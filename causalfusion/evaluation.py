@@ -50,16 +50,18 @@ def make_extractor(data: str = "digits", inception: str | Path | None = None, de
                      f"(e.g. pt_inception-2015-12-05-6726825d.pth, see docs/evaluation.md)")
 
 
-def _dataset_images(data: str, image_size: int | None = None, batch: int = 256) -> torch.Tensor:
+def _dataset_images(data: str, image_size: int | None = None, channels: int = 3, batch: int = 256) -> torch.Tensor:
     from .data import load_dataset
 
-    ds = load_dataset(data, image_size)
+    ds = load_dataset(data, image_size, channels)
     return torch.cat([ds.get(torch.arange(i, min(i + batch, len(ds)))) for i in range(0, len(ds), batch)])
 
 
 def reference_stats(data: str, extractor: FeatureExtractor, ref: str | Path | None = None,
-                    cache_dir: str | Path | None = None, image_size: int | None = None) -> ReferenceStats:
-    """Reference statistics: the file ``ref`` if given, else those of ``data`` (cached on first use).
+                    cache_dir: str | Path | None = None, image_size: int | None = None,
+                    channels: int = 3) -> ReferenceStats:
+    """Reference statistics: the file ``ref`` if given, else those of ``data`` (cached on first use),
+    its images at ``image_size`` pixels and ``channels`` channels: those of the samples they score.
 
     For ``digits`` that is the train split (1437 images, all kept for precision/recall).
     """
@@ -68,7 +70,8 @@ def reference_stats(data: str, extractor: FeatureExtractor, ref: str | Path | No
     if data.startswith("latents:"):
         raise ValueError("reference statistics of a latent cache cannot be computed (pixels are needed): pass --ref")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = "digits_train" if data == "digits" else "data_" + hashlib.sha256(f"{data}|{image_size}".encode()).hexdigest()[:12]
+    key = ("digits_train" if data == "digits"
+           else "data_" + hashlib.sha256(f"{data}|{image_size}|{channels}".encode()).hexdigest()[:12])
     path = cache / f"{key}_ref_{extractor.name}.npz"
     if path.is_file():
         try:
@@ -77,7 +80,7 @@ def reference_stats(data: str, extractor: FeatureExtractor, ref: str | Path | No
                 return stats
         except (ValueError, OSError, zipfile.BadZipFile):
             pass  # a damaged cache entry: recompute it
-    stats = compute_reference_stats(_dataset_images(data, image_size), extractor, layout="NCHW",
+    stats = compute_reference_stats(_dataset_images(data, image_size, channels), extractor, layout="NCHW",
                                     keep_features=10_000)
     save_reference_stats(stats, path)
     return stats
@@ -137,7 +140,9 @@ def evaluate_npz(path: str | Path, data: str = "digits", inception: str | Path |
     ext = make_extractor(data, inception, device, cache_dir)
     shape = (8, 8, 1) if data == "digits" and inception is None else None
     images, labels = load_samples_npz(path, shape, ext.num_classes)
-    return evaluate(images, labels, ext, reference_stats(data, ext, ref, cache_dir), layout="NHWC")
+    size = None if data == "digits" else images.shape[1]  # the reference at the samples' size and channels
+    return evaluate(images, labels, ext, reference_stats(data, ext, ref, cache_dir, size, images.shape[3]),
+                    layout="NHWC")
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -197,13 +202,20 @@ def evaluate_model(model: CausalFusion, settings: list[EvalSetting], extractor: 
     return rows
 
 
-def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: list[int] = (1,), order: str | None = None,
-                        steps: int = 250, cfg: float = 1.0, seed: int = 0, data: str | None = None,
-                        inception: str | Path | None = None, ref: str | Path | None = None, raw: bool = False,
-                        device: str = "cpu", batch_size: int = 500, block: int | None = None,
-                        dilation: int | None = None, cache_dir: str | Path | None = None) -> list[dict]:
+def pixel_size_and_channels(model_cfg, autoencoder) -> tuple[int, int]:
+    """(image size, channels) of a model's samples in pixels, after ``autoencoder``'s decoder."""
+    return model_cfg.image_size * autoencoder.downsample, autoencoder.image_channels
+
+
+def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: int | list[int] = (1,),
+                        order: str | None = None, steps: int = 250, cfg: float = 1.0, seed: int = 0,
+                        data: str | None = None, inception: str | Path | None = None, ref: str | Path | None = None,
+                        raw: bool = False, device: str = "cpu", batch_size: int = 500, block: int | None = None,
+                        dilation: int | None = None, cache_dir: str | Path | None = None,
+                        vae_path: str | Path | None = None) -> list[dict]:
     """Sample a run at each S in ``ar_steps`` and score it (see ``evaluate_model``). ``order``,
-    ``block``, ``dilation``: None = the ones the run was trained with."""
+    ``block``, ``dilation``: None = the ones the run was trained with; ``vae_path`` where a latent
+    run's VAE weights are now, if moved (checked by sha256)."""
     from .autoencoders import IdentityAutoencoder, run_autoencoder
     from .checkpoint import load_model, read_config
     from .sampling import model_order
@@ -213,10 +225,11 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: list[int] = (
     data = data or read_config(ckpt).get("data") or "digits"
     if data.startswith("latents:") and ref is None:
         raise ValueError("for a run trained on a latent cache, pass --ref (reference statistics of the real images)")
-    ae = run_autoencoder(ckpt, device=device)
-    ae = None if isinstance(ae, IdentityAutoencoder) else ae
+    ae = run_autoencoder(ckpt, vae_path, device=device)
     ext = make_extractor(data, inception, device, cache_dir)
-    reference = reference_stats(data, ext, ref, cache_dir)
+    reference = reference_stats(data, ext, ref, cache_dir, *pixel_size_and_channels(model.cfg, ae))
+    ae = None if isinstance(ae, IdentityAutoencoder) else ae
+    ar_steps = [ar_steps] if isinstance(ar_steps, int) else ar_steps
     settings = [EvalSetting(s, order, steps, cfg, block, dilation) for s in ar_steps]
     return evaluate_model(model, settings, ext, reference, n, seed, batch_size, ae)
 
@@ -252,7 +265,7 @@ class EvalCallback:
 
     COLUMNS = ["step", "ar_steps", *METRICS, "seconds"]
 
-    def __init__(self, every: int, n: int = 500, ar_steps: list[int] = (1,), steps: int = 50,
+    def __init__(self, every: int, n: int = 500, ar_steps: int | list[int] = (1,), steps: int = 50,
                  order: str | None = None, cfg: float = 1.0, seed: int = 0, inception: str | Path | None = None,
                  ref: str | Path | None = None, cache_dir: str | Path | None = None, batch_size: int = 500):
         if every < 1:
@@ -263,6 +276,7 @@ class EvalCallback:
             raise ValueError(f"--eval-steps must be >= 1, got {steps}")
         self.every, self.n, self.seed, self.batch_size = every, n, seed, batch_size
         self.order = order  # None: the trainer's (set up at the first evaluation)
+        ar_steps = [ar_steps] if isinstance(ar_steps, int) else ar_steps
         self.settings = [EvalSetting(int(s), order or "random", steps, cfg) for s in ar_steps]
         self.inception, self.ref, self.cache_dir = inception, ref, cache_dir
         self._ready = False
@@ -281,14 +295,15 @@ class EvalCallback:
         if data.startswith("latents:") and self.ref is None:
             raise ValueError("in-loop evaluation of a latent-cache run needs --eval-ref (reference statistics)")
         dev = trainer.cfg.device
+        ae = run_autoencoder(trainer.out, device=dev)
         self.extractor = make_extractor(data, self.inception, dev, self.cache_dir)
-        self.reference = reference_stats(data, self.extractor, self.ref, self.cache_dir, trainer.cfg.image_size)
+        self.reference = reference_stats(data, self.extractor, self.ref, self.cache_dir,
+                                         *pixel_size_and_channels(trainer.model_cfg, ae))
         self.check_tokens(trainer.model_cfg.num_tokens)
         plan = trainer.plan_cfg  # sample in the order the run trains with (or the given one, same tiles)
         for st in self.settings:
             st.order, st.block, st.dilation = self.order or plan.order, plan.block, plan.dilation
-        ae = run_autoencoder(trainer.out, device=dev) if trainer.is_main else None
-        self.autoencoder = None if ae is None or isinstance(ae, IdentityAutoencoder) else ae
+        self.autoencoder = None if isinstance(ae, IdentityAutoencoder) else ae
         self.path = Path(trainer.out) / "eval.csv"
         self.writer = None
         if trainer.is_main:

@@ -65,17 +65,17 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
             "n_train": int(len(train_y)), "n_test": int(len(test_y)), "feature_dim": int(train_x.shape[1])}
 
 
-def probe_split(data: str, image_size: int | None = None, test_size: float = 0.2,
-                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def probe_split(data: str, image_size: int | None = None, test_size: float = 0.2, seed: int = 0,
+                channels: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train images, train labels, test images, test labels). Digits: the package's fixed split;
-    other data (``folder:PATH``): a stratified ``test_size`` split with ``seed``."""
+    other data (``folder:PATH``, read with ``channels``): a stratified ``test_size`` split with ``seed``."""
     from .data import load_dataset, load_digits_split
 
     if data == "digits":
         return (*load_digits_split("train"), *load_digits_split("test"))
     from sklearn.model_selection import train_test_split
 
-    ds = load_dataset(data, image_size)
+    ds = load_dataset(data, image_size, channels)
     idx = np.arange(len(ds))
     tr, te = train_test_split(idx, test_size=test_size, random_state=seed, stratify=ds.labels.numpy())
     get = lambda ids: torch.cat([ds.get(torch.as_tensor(ids[i:i + 256])) for i in range(0, len(ids), 256)])
@@ -85,7 +85,7 @@ def probe_split(data: str, image_size: int | None = None, test_size: float = 0.2
 def probe_model(model: CausalFusion, data: str = "digits", mode: str = "t0", image_size: int | None = None,
                 pixel_baseline: bool = True) -> dict:
     """Linear-probe test accuracy of ``model``'s features on ``data`` (plus a raw-pixel baseline)."""
-    x_tr, y_tr, x_te, y_te = probe_split(data, image_size)
+    x_tr, y_tr, x_te, y_te = probe_split(data, image_size, channels=model.cfg.in_channels)
     res = fit_probe(pooled_features(model, x_tr, mode), y_tr.numpy(), pooled_features(model, x_te, mode), y_te.numpy())
     res["mode"] = mode
     if pixel_baseline:

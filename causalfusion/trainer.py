@@ -220,6 +220,8 @@ class Trainer:
         self.step = check_resume_step(self.out, int(state["step"]), self.cfg.steps)
         self.gen.set_state(extra["gen"])
         self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
+        if self.is_main and saved.get("train") != asdict(self.cfg):  # resumed with other training flags:
+            write_config(self.out, {**saved, "train": asdict(self.cfg)})  # the next resume starts from these
 
     def lr_at(self, step: int) -> float:
         return warmup_lr(step, self.cfg.lr, self.cfg.warmup)
@@ -253,8 +255,21 @@ class Trainer:
         labels = torch.arange(self.model_cfg.num_classes).repeat_interleave(n)
         images = sample_one_step(ema or self.ema, labels, steps=steps or self.cfg.sample_steps, seed=self.cfg.seed)
         path = path or self.out / "samples" / f"step_{self.step:07d}.png"
-        save_grid(images, path, nrow=n)
+        save_grid(self._to_pixels(images), path, nrow=n)
         return path
+
+    def _to_pixels(self, samples: torch.Tensor) -> torch.Tensor:
+        """A latent run's samples through its VAE decoder (pixel runs: unchanged). Without the VAE
+        weights on this machine the grids show the latents, with one warning."""
+        from .autoencoders import AutoencoderError, decode_in_batches, run_autoencoder
+
+        if not hasattr(self, "_grid_decoder"):
+            try:
+                self._grid_decoder = run_autoencoder(self.out, device=self.cfg.device)
+            except AutoencoderError as e:
+                print(f"warning: sample grids show latents, not images ({e})")
+                self._grid_decoder = None
+        return samples if self._grid_decoder is None else decode_in_batches(self._grid_decoder, samples)
 
     def train(self, callbacks: list | None = None) -> dict[str, float]:
         """Run until ``cfg.steps``; log CSV (+TensorBoard if installed), checkpoint, sample grids."""

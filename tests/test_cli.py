@@ -159,6 +159,18 @@ def test_sample_defaults_to_the_runs_training_order(tmp_path, capsys):
                        sample(model, labels, ar_steps=4, steps=2, order="block", block=1))
 
 
+def test_sampling_a_multimodal_run_says_which_commands_take_it(run_dir, tmp_path, capsys):
+    import shutil
+
+    mm = tmp_path / "mm"
+    shutil.copytree(run_dir, mm)
+    config = json.loads((mm / "config.json").read_text())
+    (mm / "config.json").write_text(json.dumps({**config, "kind": "multimodal"}))
+    assert main(["sample", "--ckpt", str(mm), "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "is a multimodal run: use t2i, caption or eval-mm" in one_error_line(capsys)
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_resume_to_an_earlier_step_is_refused(run_dir, capsys):
     files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     assert main(["train", "--out", str(run_dir), "--resume", "--steps", "2", "--no-progress"]) == 2

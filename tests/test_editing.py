@@ -289,6 +289,10 @@ def test_cli_edit_writes_grid_and_npz(run_dir, tmp_path, capsys):
     assert main(["edit", "--ckpt", str(run_dir), "--generate-class", "3,4", "--mask", "top", "--class", "8",
                  "--n", "2", "--steps", "3", "--out", str(png2)]) == 0
     assert np.asarray(Image.open(png2)).shape == (2 * 33 + 1, 4 * 33 + 1)
+    png3 = tmp_path / "two.png"  # --image repeated: every image is edited (not only the last)
+    assert main(["edit", "--ckpt", str(run_dir), "--image", str(tmp_path / "in.png"), "--image", str(tmp_path / "in.png"),
+                 "--mask", "top", "--class", "8", "--n", "1", "--steps", "2", "--out", str(png3)]) == 0
+    assert np.asarray(Image.open(png3)).shape == (2 * 33 + 1, 3 * 33 + 1)
     assert main(["edit", "--ckpt", str(run_dir), "--eval-digits", "4", "--mask", "top", "--steps", "2"]) == 0
     assert "| top |" in capsys.readouterr().out
 

@@ -182,6 +182,37 @@ def test_evaluation_samples_in_the_runs_training_order(cache, tmp_path):
     assert [(r["order"], r["block"], r["dilation"]) for r in rows] == [("block", 1, 3)]
 
 
+def test_grey_folder_run_resumes_probes_and_is_scored_at_its_size(cache, tmp_path, monkeypatch, capsys):
+    """A 16px one-channel folder run: resume and probe read its images grey, and `eval` builds the
+    reference from 16px grey images (not the folder default of 32px RGB)."""
+    import causalfusion.evaluation as evaluation
+    from causalfusion.metrics.extractor import FeatureExtractor
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
+    run, data = tmp_path / "run", f"folder:{tmp_path / 'img'}"
+    assert main(["train", "--data", data, "--image-size", "16", "--channels", "1", "--out", str(run), "--steps", "2",
+                 *TINY]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"]) == 0
+    assert main(["probe", "--ckpt", str(run)]) == 0 and "probe accuracy" in capsys.readouterr().out
+
+    class Recorder(FeatureExtractor):
+        name, num_features, num_classes = "recorder", 2, 2
+        shapes: set = set()
+
+        def _forward(self, x):
+            self.shapes.add(tuple(x.shape[1:]))
+            return x.flatten(1)[:, :2], x.flatten(1)[:, :2]
+
+    monkeypatch.setattr(evaluation, "make_extractor", lambda *a, **k: Recorder())
+    rows = evaluate_checkpoint(run, n=5, ar_steps=2, steps=1)  # an int S_eval is one setting
+    assert [r["ar_steps"] for r in rows] == [2] and Recorder.shapes == {(1, 16, 16)}
+
+
 # ---------------------------------------------------------------- probe
 
 def test_probe_tiny_checkpoint(run_dir, capsys):

@@ -179,7 +179,10 @@ def test_distributed_step_draws_the_trainers_posterior_latents(world, tmp_path):
 def test_cli_train_from_cache_then_sample_decodes_to_pixels(world, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--data", f"latents:{world / 'cache'}", "--out", str(run), "--steps", "2", *TINY]) == 0
-    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress", "--sample-every", "3"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 3  # what a next --resume starts from
+    grid = Image.open(run / "samples" / "step_0000003.png")  # decoded by the run's VAE: RGB, not 4 latent channels
+    assert grid.mode == "RGB" and grid.size[0] > 8 * 16
     npz = tmp_path / "s.npz"
     assert main(["sample", "--ckpt", str(run), "--per-class", "2", "--steps", "3", "--out", str(tmp_path / "g.png"),
                  "--npz", str(npz)]) == 0

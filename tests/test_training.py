@@ -248,3 +248,13 @@ def test_weights_missing_a_tensor_are_refused(tmp_path):
     save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "ema.safetensors"), metadata={"step": "1"})
     with pytest.raises(CheckpointError, match="does not fit"):
         load_weights(tmp_path, torch.nn.Linear(2, 2))  # no "bias" in the file
+
+
+def test_demo_resume_without_steps_keeps_the_runs_target(tmp_path, monkeypatch):
+    import causalfusion.demo as demo
+
+    monkeypatch.setattr(demo, "check_samples", lambda model, out: (1.0, out / "demo_grid.png"))  # no 200-image check
+    small = dict(batch_size=8, sample_every=0, progress=False)
+    assert demo.run_demo(str(tmp_path), steps=2, **small)["step"] == 2
+    monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("trained past the run's 2 steps"))
+    assert demo.run_demo(str(tmp_path), resume=True, **small)["step"] == 2

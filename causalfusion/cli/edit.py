@@ -81,7 +81,7 @@ def add_parser(sub) -> None:
     e = sub.add_parser("edit", help="zero-shot editing: regenerate a masked region (inpaint/outpaint) as a new class")
     e.add_argument("--ckpt", required=True, help="run directory written by train/demo")
     src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", nargs="+", default=None, help="image file(s) of the model's size and channels (one row each)")
+    src.add_argument("--image", nargs="+", action="extend", default=None, help="image file(s) of the model's size and channels (one row each)")
     src.add_argument("--generate-class", default=None, help="generate the original(s) first: class id(s), comma separated")
     src.add_argument("--eval-digits", type=int, default=None, metavar="N",
                      help="digits model: edit the first N held-out test digits to new classes and print how often "

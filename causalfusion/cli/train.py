@@ -180,7 +180,10 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.image_size is not None:
         train_kw["image_size"] = a.image_size
     tc = TrainConfig.from_dict(train_kw)
-    dataset = training_dataset(tc.data, tc.image_size, vae=a.vae, vae_path=a.vae_path, channels=a.channels or 3,
+    # a resumed pixel run reads its images with the channels it was trained on (grey folder data)
+    saved_channels = saved["model"].get("in_channels") if saved and not saved.get("autoencoder") else None
+    channels = a.channels or saved_channels or 3
+    dataset = training_dataset(tc.data, tc.image_size, vae=a.vae, vae_path=a.vae_path, channels=channels,
                                saved_autoencoder=(saved or {}).get("autoencoder"), device=tc.device)
     finish_paper_config(a, given, tc, len(dataset))  # --config: epochs counted on this dataset
     a.image_size = dataset.image_size  # the model's image size is the latent size
