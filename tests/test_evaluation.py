@@ -211,6 +211,10 @@ def test_grey_folder_run_resumes_probes_and_is_scored_at_its_size(cache, tmp_pat
     monkeypatch.setattr(evaluation, "make_extractor", lambda *a, **k: Recorder())
     rows = evaluate_checkpoint(run, n=5, ar_steps=2, steps=1)  # an int S_eval is one setting
     assert [r["ar_steps"] for r in rows] == [2] and Recorder.shapes == {(1, 16, 16)}
+    Recorder.shapes.clear()  # an .npz of such samples: the reference is read at the samples' size too
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8))
+    evaluate_npz(tmp_path / "s.npz", data)
+    assert Recorder.shapes == {(1, 16, 16)}
 
 
 # ---------------------------------------------------------------- probe
