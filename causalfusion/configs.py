@@ -4,7 +4,8 @@
 ``--config in256-system-XL`` fills in everything the paper fixes; flags given explicitly still
 win. Numbers and where they come from:
 
-* image 256 (512 for ``in512-system-XL``), AdamW (0.9, 0.95), wd 0, constant lr after warmup,
+* image 256 (512 for ``in512-system-XL``), AdamW (0.9, 0.95), eps 1e-15 (the release's train.py
+  default), wd 0, constant lr after warmup,
   global batch 2048, warmup 40 epochs, EMA 0.9999, label dropout 0.1, γ 0.9, λ 2 (Tab. 3, 9, 10);
 * learning rate: base 1e-4 per 256 images, scaled linearly with the batch (implementation facts:
   "lr 1e-4 at batch 256, scaled with batch"; the release trains XL at batch 256 with lr 1e-4),
@@ -55,6 +56,7 @@ class PaperConfig:
     batch_size: int = 2048
     warmup_epochs: int = 40
     ema_decay: float = 0.9999  # plain, from step 0 (no warm-up), as in the release
+    adam_eps: float = 1e-15  # the release's train.py (--eps); torch's default is 1e-8
     label_dropout: float = 0.1
     num_classes: int = 1000
     source: str = ""
@@ -94,7 +96,8 @@ class PaperConfig:
                     class_tokens=self.class_tokens, learn_pos=self.learn_pos, gamma=self.gamma, lam=self.lam,
                     batch_size=batch, lr=scaled_lr(self.base_lr, batch), warmup=self.warmup_epochs * spe,
                     steps=self.epochs * spe,
-                    ema_decay=self.ema_decay, ema_warmup=False, label_dropout=self.label_dropout, precision="bf16",
+                    ema_decay=self.ema_decay, ema_warmup=False, adam_eps=self.adam_eps,
+                    label_dropout=self.label_dropout, precision="bf16",
                     sample_every=0, ckpt_every=5000, log_every=100)
 
     def describe(self) -> str:

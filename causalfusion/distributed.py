@@ -192,7 +192,7 @@ class DistributedTrainer(Trainer):
         fully_shard(self.module, mesh=mesh, mp_policy=mp)
         fully_shard(self.ema, mesh=mesh)  # sharded storage only: the EMA never runs forward here
         c = self.cfg
-        self.opt = adamw(self.module.parameters(), c.lr)
+        self.opt = adamw(self.module.parameters(), c.lr, c.adam_eps)
         if opt_state["state"]:  # resumed: the full optimizer state, sharded like the parameters
             set_optimizer_state_dict(self.module, self.opt, optimizer_state_by_name(opt_state, self._names),
                                      options=StateDictOptions(full_state_dict=True))

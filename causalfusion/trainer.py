@@ -39,6 +39,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # min(decay, (1+step)/(10+step)); the release (and --config) use a plain decay
+    adam_eps: float = 1e-8  # torch's default, used for every digits result; the release (and --config): 1e-15
     label_dropout: float = 0.1
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0
@@ -58,6 +59,8 @@ class TrainConfig:
     def validate(self) -> None:
         """One clear line for a value no run can use (checked before anything is written)."""
         check_train_settings(self, sample_every=0, sample_steps=1, samples_per_class=1)
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ValueError(f"--adam-eps must be a finite number > 0, got {self.adam_eps}")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"--label-dropout must be in [0, 1], got {self.label_dropout}")
 
@@ -79,9 +82,10 @@ def check_train_settings(cfg, **more_minimums: int) -> None:
 
 
 # ---- pieces every trainer here shares (Trainer, DistributedTrainer, multimodal MMTrainer) ------
-def adamw(params, lr: float) -> torch.optim.AdamW:
-    """The paper's optimiser (Tab. 9/10): AdamW with betas (0.9, 0.95) and no weight decay."""
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+def adamw(params, lr: float, eps: float = 1e-8) -> torch.optim.AdamW:
+    """The paper's optimiser (Tab. 9/10): AdamW with betas (0.9, 0.95) and no weight decay (the
+    release's train.py also sets eps 1e-15)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=0.0)
 
 
 def warmup_lr(step: int, lr: float, warmup: int) -> float:
@@ -191,7 +195,7 @@ class Trainer:
         torch.manual_seed(c.seed)  # weight init
         self.model = CausalFusion(self.model_cfg).to(c.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = adamw(self.model.parameters(), c.lr)
+        self.opt = adamw(self.model.parameters(), c.lr, c.adam_eps)
         self.diffusion = Diffusion(prediction=self.model_cfg.prediction)
         self.gen = torch.Generator().manual_seed(c.seed)
         self.stream = BatchStream(d, c.batch_size, self.gen)

@@ -209,6 +209,17 @@ def test_ema_warmup_flag_and_paper_configs():
     assert get_config("in256-system-XL").train_args()["ema_warmup"] is False
 
 
+def test_adam_eps_is_torchs_by_default_and_the_releases_under_paper_configs(tmp_path):
+    from causalfusion.configs import PAPER_CONFIGS
+
+    assert Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "a")).opt.param_groups[0]["eps"] == 1e-8
+    tr = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "b", adam_eps=1e-15))
+    assert tr.opt.param_groups[0]["eps"] == 1e-15
+    assert {c.train_args()["adam_eps"] for c in PAPER_CONFIGS.values()} == {1e-15}  # release train.py --eps
+    with pytest.raises(ValueError, match="--adam-eps must be a finite number > 0"):
+        small_train(tmp_path / "c", adam_eps=0.0).validate()
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_noised_loss_is_zero_for_an_oracle(prediction):
     """A model that reads the noise back from its inputs, token by token in AR order, scores zero:
