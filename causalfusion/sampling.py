@@ -42,8 +42,11 @@ SAMPLERS = ("ddpm", "ddim")
 
 # ---- per-sample randomness ---------------------------------------------------------------------
 def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded from the run seed and the sample's global index
-    (1_000_003 is a prime stride: distinct (seed, index) pairs give distinct seeds for index < it)."""
+    """One CPU generator per sample, seeded from the run seed and the sample's global index.
+    The CPU generator keeps 32 seed bits, so seed * 1_000_003 + index is read mod 2**32: all pairs
+    with seed < 4294 and index < 1_000_003 get distinct streams, and the samples of one seed are
+    always distinct; larger seeds can share streams with smaller ones (seed 4295, index 0 draws as
+    seed 0, index 45589)."""
     return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
 
 
