@@ -139,6 +139,15 @@ def trained_order(config: dict) -> dict:
     return {k: plan.get(k, getattr(ARPlanConfig, k)) for k in ("order", "block", "dilation")}
 
 
+def check_same_config(run_dir: str | Path, part: str, saved: dict | None, given: dict) -> None:
+    """Refuse to resume ``run_dir`` with a ``part`` config (model, plan, ...) other than the one it
+    saved: one line naming every differing key as (saved, given)."""
+    saved = saved if isinstance(saved, dict) else {}
+    diff = {k: (saved.get(k), given.get(k)) for k in sorted(saved.keys() | given.keys()) if saved.get(k) != given.get(k)}
+    if diff:
+        raise CheckpointError(f"cannot resume {run_dir}: {part} config differs from the checkpoint's (saved, given): {diff}")
+
+
 def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True) -> torch.nn.Module:
     """Load a run's EMA (or raw) weights into ``module`` (strict), checked against state.json's step."""
     run_dir = Path(run_dir)

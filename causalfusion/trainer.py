@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .ar_plan import ARPlanConfig
-from .checkpoint import CheckpointError, load_training_state, read_config, save_checkpoint, write_config
+from .checkpoint import (CheckpointError, check_same_config, load_training_state, read_config, save_checkpoint,
+                         write_config)
 from .data import BatchStream, Dataset, load_dataset
 from .diffusion import Diffusion
 from .files import write_text
@@ -215,11 +216,8 @@ class Trainer:
 
     def _restore(self) -> None:
         saved = read_config(self.out)
-        for part, given in (("model", self.model_cfg.to_dict()), ("plan", asdict(self.plan_cfg))):
-            if saved.get(part) != given:
-                diff = {k: (saved.get(part, {}).get(k), v) for k, v in given.items() if saved.get(part, {}).get(k) != v}
-                raise CheckpointError(f"cannot resume {self.out}: {part} config differs from the checkpoint's "
-                                      f"(saved, given): {diff}")
+        check_same_config(self.out, "model", saved.get("model"), self.model_cfg.to_dict())
+        check_same_config(self.out, "plan", saved.get("plan"), asdict(self.plan_cfg))
         state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
         self.step = check_resume_step(self.out, int(state["step"]), self.cfg.steps)
         self.gen.set_state(extra["gen"])

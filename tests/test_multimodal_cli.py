@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,7 +119,7 @@ def test_transfusion_trains_images_with_plain_diffusion(run, tmp_path, capsys):
     from causalfusion.checkpoint import CheckpointError
     from causalfusion.cli import build_parser
     from causalfusion.cli.multimodal import configs_from_args
-    from causalfusion.multimodal.ablation import RUNS, MMSuiteSettings, _train, run_dir_name, run_plan
+    from causalfusion.multimodal.ablation import RUNS, MMSuiteSettings, _train, run_plan, run_signature
 
     def plan_of(*flags):
         return configs_from_args(build_parser().parse_args(["train-mm", *flags]))[2]
@@ -132,9 +134,8 @@ def test_transfusion_trains_images_with_plain_diffusion(run, tmp_path, capsys):
     assert all(p.group_sizes == [16] and torch.all(p.weights == 1) for p in plans)
     cf = run_plan(st, RUNS["CausalFusion"][1])
     assert any(len(sample_plan(cf, 4, (4, 4), 1000, g).group_sizes) > 1 for _ in range(20))
-    assert run_dir_name("CausalFusion, noisy captions") == "causalfusion-noisy-captions"
-    with pytest.raises(CheckpointError, match="another AR plan"):  # `run` trained with CausalFusion's plan
-        _train(MMSuiteSettings(steps=1), run, True, tf, print)
+    with pytest.raises(CheckpointError, match="other model/text/plan/train settings"):  # `run`: tiny, CausalFusion's plan
+        _train(st, "Transfusion", run, run_signature(st, True, tf), print)
 
 
 def test_bad_images_and_decoding_options_one_line(run, tmp_path, capsys):
@@ -239,3 +240,113 @@ def test_resume_is_bit_identical(tmp_path):
     for name in ("model", "ema", "train"):
         a, b = (load_file(str(tmp_path / r / f"{name}.safetensors")) for r in "ab")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_keeps_the_saved_config_and_takes_given_training_flags(tmp_path, capsys):
+    """train-mm --resume: explicit training flags win, explicit model flags that differ are refused
+    (they were silently ignored), and --steps left out is the run's target (was the flag's 2000)."""
+    from causalfusion.cli import build_parser
+    from causalfusion.cli.multimodal import configs_from_args
+    from causalfusion.multimodal.train import MMTrainer
+
+    out = tmp_path / "run"
+    args = ["train-mm", "--out", str(out), "--data", "shapes:train:32", "--steps", "3", "--lr", "1e-3", "--warmup", "1", *TINY]
+    tr = MMTrainer(*configs_from_args(build_parser().parse_args(args)))
+    tr.train_step()
+    tr.save()  # a run stopped at step 1 of 3
+    config = (out / "config.json").read_text()
+    resume = ["train-mm", "--out", str(out), "--resume", "--no-progress"]
+    _one_line_error(capsys, [*resume, "--lr", "0.05", "--depth", "4", "--prediction", "v"],
+                    "model config differs from the checkpoint's (saved, given): {'depth': (1, 4), 'prediction': ('eps', 'v')}")
+    _one_line_error(capsys, [*resume, "--gamma", "0.5"], "plan config differs")
+    _one_line_error(capsys, [*resume, "--max-text-len", "30"], "text config differs")
+    _one_line_error(capsys, [*resume, "--seed", "3"], "data config differs")  # the seed draws the shapes images
+    assert (out / "config.json").read_text() == config and json.loads((out / "state.json").read_text())["step"] == 1
+    assert main([*resume, "--lr", "0.05", "--batch-size", "16", "--precision", "fp32", "--depth", "1"]) == 0  # same depth: fine
+    saved = json.loads((out / "config.json").read_text())
+    assert json.loads((out / "state.json").read_text())["step"] == 3  # the saved target, not --steps' default
+    assert saved["model"]["depth"] == 1 and saved["text"]["max_text_len"] == 24
+    assert {k: saved["train"][k] for k in ("lr", "batch_size", "precision", "warmup", "steps")} == \
+        {"lr": 0.05, "batch_size": 16, "precision": "fp32", "warmup": 1, "steps": 3}  # the next resume starts from these
+
+
+def test_ablate_multimodal_rerun_with_other_settings_trains_its_own_runs(tmp_path, monkeypatch):
+    """A re-run with other settings reported them over the earlier runs (each run's directory is now
+    named by a hash of its settings); an existing run is checked against them and the step target."""
+    from causalfusion.checkpoint import CheckpointError
+    from causalfusion.multimodal.ablation import MMSuiteSettings, _train, run_plan, run_signature
+    from causalfusion.multimodal.evaluate import ShapesNet
+
+    monkeypatch.setenv("CAUSALFUSION_CACHE", str(tmp_path / "cache"))  # an untrained FID net: fast, not cached for others
+    monkeypatch.setattr("causalfusion.multimodal.evaluate.train_shapes_net", lambda size=16: ShapesNet(size))
+    cmd = ["ablate", "--suite", "multimodal", "--steps", "2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
+           "--batch-size", "4", "--precision", "fp32", "--eval-n", "4", "--eval-steps", "1", "--out", str(tmp_path)]
+    assert main(cmd) == 0
+    first = json.loads((tmp_path / "multimodal" / "runs.json").read_text())
+    assert main([*cmd, "--hidden-size", "64", "--prediction", "eps", "--lr", "0.01", "--seed", "5"]) == 0
+    runs = json.loads((tmp_path / "multimodal" / "runs.json").read_text())
+    assert set(runs) == set(first) and not set(runs.values()) & set(first.values())
+    for path in runs.values():
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        assert (cfg["model"]["hidden_size"], cfg["model"]["prediction"]) == (64, "eps")
+        assert (cfg["train"]["lr"], cfg["train"]["seed"], cfg["train"]["batch_size"]) == (0.01, 5, 4)
+    assert "1 layers x 64 wide" in (tmp_path / "multimodal" / "report.md").read_text()
+    st = MMSuiteSettings(steps=2, depth=1, hidden_size=32, num_heads=2, batch_size=4, precision="fp32")
+    sig, run = run_signature(st, False, run_plan(st, True)), Path(first["CausalFusion"])
+    _train(st, "CausalFusion", run, sig, print)  # trained with these settings: reused
+    with pytest.raises(CheckpointError, match="other train settings"):
+        _train(st, "CausalFusion", run, run_signature(replace(st, seed=1), False, run_plan(st, True)), print)
+    with pytest.raises(CheckpointError, match="trained to step 2, beyond --steps 1"):
+        _train(replace(st, steps=1), "CausalFusion", run, sig, print)
+
+
+def test_ablate_multimodal_defaults_are_the_suites_own(tmp_path, monkeypatch, capsys):
+    """--batch-size/--lr left out: MMSuiteSettings' 32 and 1e-3 (the ablate flags' 64 and 5e-4 replaced them)."""
+    import causalfusion.multimodal.ablation as mm_ablation
+
+    seen = []
+
+    def fake_suite(out_dir, report, st, command, log):
+        seen.append(st)
+        return Path(report)
+
+    monkeypatch.setattr(mm_ablation, "run_suite", fake_suite)
+    cmd = ["ablate", "--suite", "multimodal", "--steps", "1", "--out", str(tmp_path)]
+    assert main(cmd) == 0 and main([*cmd, "--batch-size", "64", "--lr", "5e-4"]) == 0
+    defaults = mm_ablation.MMSuiteSettings()
+    assert (seen[0].batch_size, seen[0].lr) == (defaults.batch_size, defaults.lr) == (32, 1e-3)
+    assert (seen[1].batch_size, seen[1].lr) == (64, 5e-4)  # given explicitly: used, even when equal to the flag default
+
+
+def test_t2i_steps_default_matches_text_to_image_and_eval_mm():
+    import inspect
+
+    from causalfusion.cli import build_parser
+    from causalfusion.multimodal import text_to_image
+
+    p = build_parser()
+    t2i = p.parse_args(["t2i", "--ckpt", "x", "--prompt", "a red circle"]).steps
+    assert t2i == p.parse_args(["eval-mm", "--ckpt", "x"]).steps == inspect.signature(text_to_image).parameters["steps"].default == 50
+
+
+def test_caption_takes_several_images_per_flag(run, tmp_path, capsys):
+    paths = []
+    for i, img in enumerate(make_shapes("test", 3)[0]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        save_png(to_uint8(img[None])[0], paths[-1])
+    assert main(["caption", "--ckpt", str(run), "--image", paths[0], paths[1], "--image", paths[2]]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == paths
+
+
+def test_sampling_commands_take_a_checked_device(run, tmp_path, capsys):
+    img = tmp_path / "in.png"
+    save_png(to_uint8(make_shapes("test", 1)[0])[0], img)
+    out = tmp_path / "grid.png"
+    cmds = [["t2i", "--ckpt", str(run), "--prompt", "a red circle", "--n", "1", "--steps", "1", "--out", str(out)],
+            ["caption", "--ckpt", str(run), "--image", str(img)], ["eval-mm", "--ckpt", str(run), "--n", "1", "--steps", "1"]]
+    for cmd in cmds:
+        _one_line_error(capsys, [*cmd, "--device", "nope"], "unknown device 'nope'")
+        _one_line_error(capsys, [*cmd, "--device", "cuda:99"], "device 'cuda:99'")
+    assert not out.exists()
+    assert main([*cmds[0], "--device", "cpu"]) == 0 and out.is_file()

@@ -57,12 +57,16 @@ def _ablate_multimodal(a: argparse.Namespace, command: str) -> None:
     from pathlib import Path
 
     from ..multimodal.ablation import RUNS, MMSuiteSettings, run_suite, seconds_per_step
+    from .train import explicit_dests
 
     if a.data not in ("digits", "shapes"):  # "digits" is the shared default flag value
         raise ValueError(f"the multimodal suite trains on the built-in captioned 'shapes' data, not {a.data!r}")
-    st = MMSuiteSettings(batch_size=a.batch_size, lr=a.lr, precision=a.precision, depth=a.depth,
-                         hidden_size=a.hidden_size, num_heads=a.num_heads, seed=a.seed, eval_n=a.eval_n,
-                         eval_steps=a.eval_steps, progress=a.progress)
+    st = MMSuiteSettings(precision=a.precision, depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads,
+                         seed=a.seed, eval_n=a.eval_n, eval_steps=a.eval_steps, progress=a.progress)
+    # --batch-size/--lr default to the class-conditional suites' 64 and 5e-4: left out, this suite's own
+    given = explicit_dests(getattr(a, "argv", []), lambda p: (p.add_argument("--batch-size"), p.add_argument("--lr")))
+    for k in given:
+        setattr(st, k, getattr(a, k))
     if a.prediction is not None:
         st.prediction = a.prediction
     if a.steps is not None:
@@ -119,8 +123,8 @@ def add_parser(sub) -> None:
     budget.add_argument("--steps", type=int, default=None, help="training steps per config")
     b.add_argument("--configs", default=None, help="only these configs of the suite (comma separated names)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--lr", type=float, default=5e-4)
+    b.add_argument("--batch-size", type=int, default=64, help="default 64 (multimodal suite: 32)")
+    b.add_argument("--lr", type=float, default=5e-4, help="default 5e-4 (multimodal suite: 1e-3)")
     b.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     b.add_argument("--depth", type=int, default=4)
     b.add_argument("--hidden-size", type=int, default=128)

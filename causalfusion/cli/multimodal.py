@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,9 @@ from ..checkpoint import CheckpointError, read_config
 from ..diffusion import PREDICTIONS
 from ..models import PRESETS, ModelConfig
 from ..multimodal.objective import TRANSFUSION_IMAGE_PLAN, MixConfig
+from ..trainer import check_device
 from .common import add_order_args, check_outputs, fill_trained_order, ints, parse_interval
+from .train import explicit_dests
 
 # The shapes defaults: 16 px RGB, 4x4 patches -> 16 image tokens.
 MM_MODEL = dict(image_size=16, in_channels=3, patch_size=4, num_classes=0, class_tokens=1)
@@ -87,9 +90,25 @@ def configs_from_args(a: argparse.Namespace):
     return mc, text, plan, mix, tc
 
 
-def saved_configs(a: argparse.Namespace) -> tuple:
-    """configs_from_args' tuple from a run's config.json: a resumed run keeps everything it was
-    started with, except the step target. A missing or malformed section is one CheckpointError."""
+# train-mm flags (argparse dests = field names) by the config.json section they set
+RESUME_FLAGS = {"model": ("patch_size", "image_size", "prediction", "depth", "hidden_size", "num_heads"),
+                "text": ("max_text_len", "tie_head", "transfusion"), "plan": ("gamma", "lam", "order"),
+                "mix": ("image_first_prob", "text_weight")}
+
+
+def _configs(s: dict) -> tuple:
+    """configs_from_args' tuple from config.json-like sections."""
+    from ..multimodal.train import MMTrainConfig
+
+    return (ModelConfig.from_dict(s["model"]), s["text"], ARPlanConfig(**s["plan"]), MixConfig(**s["mix"]),
+            MMTrainConfig.from_dict(s["train"]))
+
+
+def saved_configs(a: argparse.Namespace, given: set[str]) -> tuple:
+    """configs_from_args' tuple for --resume: the run's config.json, with the flags named in ``given``
+    on top, as ``causalfusion train --resume`` does. Given training flags (--lr, --steps, ...) win
+    (--steps left out: the saved target); given model/text/plan/mix/data flags that differ from the
+    saved ones are refused by ``MMTrainer``. A missing or malformed section is one CheckpointError."""
     from ..multimodal.train import MMTrainConfig
 
     path = Path(a.out) / "config.json"
@@ -99,19 +118,27 @@ def saved_configs(a: argparse.Namespace) -> tuple:
     missing = [k for k in ("model", "text", "plan", "mix", "train") if not isinstance(saved.get(k), dict)]
     if missing:
         raise CheckpointError(f"cannot resume: {path} has no {'/'.join(repr(k) for k in missing)} section")
-    try:
-        text = {k: v for k, v in saved["text"].items() if k != "vocab_size"}
-        tc = MMTrainConfig.from_dict({**saved["train"], "out": a.out, "steps": a.steps, "progress": not a.no_progress})
-        return (ModelConfig.from_dict(saved["model"]), text, ARPlanConfig(**saved["plan"]), MixConfig(**saved["mix"]), tc)
+    s = {k: dict(saved[k]) for k in ("model", "text", "plan", "mix", "train")}
+    s["text"].pop("vocab_size", None)  # the run's tokenizer.json fixes it
+    try:  # the file alone first, so that a bad given flag is not blamed on it
+        _configs(s)
     except (TypeError, ValueError) as e:  # unknown keys or bad values in a hand-edited file
         raise CheckpointError(f"cannot resume: {path} holds an invalid config ({e})") from None
+    if "preset" in given:
+        s["model"].update(PRESETS[a.preset])
+    flags = {**RESUME_FLAGS, "train": [f.name for f in fields(MMTrainConfig)]}
+    for part, dests in flags.items():
+        s[part].update({d: getattr(a, d) for d in dests if d in given})
+    s["train"].update(out=a.out, progress=not a.no_progress)
+    return _configs(s)
 
 
 def cmd_train_mm(a: argparse.Namespace) -> None:
     from ..multimodal.train import MMTrainer
 
     if a.resume:
-        trainer = MMTrainer(*saved_configs(a), resume=True)
+        given = explicit_dests(getattr(a, "argv", []), add_train_args)  # flags typed, not left at their defaults
+        trainer = MMTrainer(*saved_configs(a, given), resume=True)
     else:
         trainer = MMTrainer(*configs_from_args(a))
     n = sum(p.numel() for p in trainer.model.parameters())
@@ -140,14 +167,15 @@ def cmd_t2i(a: argparse.Namespace) -> None:
 
     check_outputs(a.out)
     check_sampling(a)
+    check_device(a.device)
     groups = ints(a.groups, "--groups") if a.groups is not None else None
     interval = parse_interval(a.cfg_interval)
-    model, tok = load_multimodal(a.ckpt, ema=not a.raw)
+    model, tok = load_multimodal(a.ckpt, ema=not a.raw, device=a.device)
     fill_trained_order(a, model)
     prompts = [p for p in a.prompt for _ in range(a.n)]
     images = text_to_image(model, tok, prompts, cfg=a.cfg, cfg_interval=interval,
                            ar_steps=a.ar_steps, groups=groups, order=a.order, block=a.block, dilation=a.dilation,
-                           steps=a.steps, sampler=a.sampler, seed=a.seed, cache=not a.no_cache)
+                           steps=a.steps, sampler=a.sampler, seed=a.seed, cache=not a.no_cache).cpu()
     save_grid(images, a.out, nrow=a.n)
     print(f"wrote {a.out}: {len(a.prompt)} prompt(s) x {a.n} (one row per prompt)")
     if a.check:
@@ -176,7 +204,8 @@ def cmd_caption(a: argparse.Namespace) -> None:
     if a.top_k is not None and a.top_k < 1:
         raise ValueError(f"--top-k must be >= 1 (leave it out for all tokens), got {a.top_k}")
     check_decoding(a.temperature, a.top_k or 0)
-    model, tok = load_multimodal(a.ckpt, ema=not a.raw)
+    check_device(a.device)
+    model, tok = load_multimodal(a.ckpt, ema=not a.raw, device=a.device)
     images = torch.stack([load_image(p, model.cfg.image_size) for p in a.image])
     texts = caption(model, tok, images, temperature=a.temperature, top_k=a.top_k or 0, seed=a.seed)
     for path, text in zip(a.image, texts):
@@ -188,8 +217,9 @@ def cmd_eval_mm(a: argparse.Namespace) -> None:
     from ..multimodal.train import load_multimodal
 
     check_sampling(a)
-    model, tok = load_multimodal(a.ckpt)
-    ext = ShapesExtractor(model.cfg.image_size) if a.fid else None
+    check_device(a.device)
+    model, tok = load_multimodal(a.ckpt, device=a.device)
+    ext = ShapesExtractor(model.cfg.image_size, device=a.device) if a.fid else None
     metrics, _, _ = evaluate_model(model, tok, a.split, a.n, cfg=a.cfg, steps=a.steps, ar_steps=a.ar_steps,
                                      seed=a.seed, extractor=ext)
     print(json.dumps(metrics, indent=2))
@@ -209,22 +239,25 @@ def add_commands(sub) -> None:
     s.add_argument("--ar-steps", type=int, default=None, help="S AR steps, equal groups (default 1)")
     s.add_argument("--groups", default=None, help="explicit group sizes, e.g. 4,4,8")
     add_order_args(s)
-    s.add_argument("--steps", type=int, default=100, help="diffusion steps per AR step")
+    s.add_argument("--steps", type=int, default=50, help="diffusion steps per AR step (as eval-mm)")
     s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-cache", action="store_true")
     s.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     s.add_argument("--check", action="store_true", help="shapes prompts: run the colour-segmentation checker")
     s.add_argument("--out", default="t2i.png")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.set_defaults(func=cmd_t2i)
 
     c = sub.add_parser("caption", help="caption images with a multimodal checkpoint")
     c.add_argument("--ckpt", required=True)
-    c.add_argument("--image", action="append", required=True, help="an image of the model's size (repeatable)")
+    c.add_argument("--image", action="extend", nargs="+", required=True,
+                   help="image(s) of the model's size: --image a.png b.png, or --image repeated")
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     c.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (default: all)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--raw", action="store_true")
+    c.add_argument("--device", default="cpu", help="cpu or cuda")
     c.set_defaults(func=cmd_caption)
 
     e = sub.add_parser("eval-mm", help="shapes metrics of a multimodal checkpoint (T2I/caption accuracy, CIDEr, FID)")
@@ -236,4 +269,5 @@ def add_commands(sub) -> None:
     e.add_argument("--ar-steps", type=int, default=None, help="S AR steps for the T2I samples (default 1)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--fid", action="store_true", help="also FID (trains/caches the small feature CNN once)")
+    e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.set_defaults(func=cmd_eval_mm)

@@ -11,20 +11,24 @@ Three runs with equal architecture, tokenizer, seed, steps and batches:
 
 Each run is evaluated on the ``test`` split (seen attribute combinations) and
 the ``heldout`` split (unseen ones): T2I exact/object accuracy by the checker, FID on the small
-shapes CNN, caption exact/attribute accuracy and CIDEr. Runs already trained to the step target
-are reused, shorter ones resumed, so an interrupted suite continues.
+shapes CNN, caption exact/attribute accuracy and CIDEr. Each run lives in
+``<out>/_runs/<hash of its settings>/`` (``<out>/runs.json`` maps names to them; the step target is
+not hashed): runs already trained to the step target are reused, shorter ones resumed, so an
+interrupted suite continues, and a re-run with other settings trains new runs.
 """
 from __future__ import annotations
 
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..ablation import run_dir_for
 from ..ar_plan import ARPlanConfig
+from ..files import write_json
 from ..models import ModelConfig
 from .objective import TRANSFUSION_IMAGE_PLAN, MixConfig
 
@@ -58,11 +62,6 @@ class MMSuiteSettings:
     progress: bool = False
 
 
-def run_dir_name(name: str) -> str:
-    """'CausalFusion, noisy captions' -> 'causalfusion-noisy-captions'."""
-    return "-".join(name.lower().replace(",", " ").split())
-
-
 def run_plan(st: MMSuiteSettings, causalfusion_plan: bool) -> ARPlanConfig:
     """The image objective of a run: Sec. 5's AR plan, or plain diffusion (S=1, uniform weight)."""
     return ARPlanConfig(gamma=st.gamma) if causalfusion_plan else ARPlanConfig(**TRANSFUSION_IMAGE_PLAN)
@@ -74,11 +73,20 @@ def _model_config(st: MMSuiteSettings) -> ModelConfig:
                        num_heads=st.num_heads, num_classes=0, class_tokens=1, prediction=st.prediction)
 
 
-def _train(st: MMSuiteSettings, out: Path, transfusion: bool, plan: ARPlanConfig, log) -> None:
-    """Train (or continue) one run to ``st.steps``; a run already there is reused as it is, after
-    checking it was trained with this run's caption context and AR plan."""
-    from dataclasses import asdict
+def run_signature(st: MMSuiteSettings, transfusion: bool, plan: ARPlanConfig) -> dict:
+    """Every setting that shapes one suite run, as its config.json stores them, except the step
+    target (with the warmup and checkpoint interval drawn from it): a shorter run is resumed. Its hash
+    names the run's directory (``run_dir_for``, as in the class-conditional suites), so a re-run with
+    other settings trains its own runs instead of reusing, and misreporting, the earlier ones."""
+    sig = {"model": _model_config(st).to_dict(), "text": dict(max_text_len=st.max_text_len, transfusion=transfusion),
+           "plan": asdict(plan), "mix": asdict(MixConfig(st.image_first_prob, st.text_weight)),
+           "train": dict(data="shapes", batch_size=st.batch_size, lr=st.lr, precision=st.precision, seed=st.seed)}
+    return json.loads(json.dumps(sig))  # as read back from config.json
 
+
+def _train(st: MMSuiteSettings, name: str, out: Path, sig: dict, log) -> None:
+    """Train (or continue) run ``name`` in ``out`` to ``st.steps``; a run already there is reused as it
+    is, after checking it was trained with these settings (``run_signature``) and not beyond ``st.steps``."""
     from ..checkpoint import CheckpointError, read_config
     from .train import MMTrainConfig, MMTrainer
 
@@ -86,18 +94,20 @@ def _train(st: MMSuiteSettings, out: Path, transfusion: bool, plan: ARPlanConfig
     done = json.loads(state.read_text())["step"] if state.is_file() else 0
     if done:
         saved = read_config(out)
-        if saved.get("plan") != asdict(plan) or saved.get("text", {}).get("transfusion") != transfusion:
-            raise CheckpointError(f"{out} was trained with another AR plan or caption context than this suite's "
-                                  f"{out.name} run; use another --out")
+        differ = [k for k, v in sig.items() if {f: saved.get(k, {}).get(f) for f in v} != v]
+        if differ:
+            raise CheckpointError(f"{out} was trained with other {'/'.join(differ)} settings than this suite's {name} "
+                                  f"run; use another --out")
+        if done > st.steps:  # the report would name the wrong step count
+            raise CheckpointError(f"{out} is trained to step {done}, beyond --steps {st.steps}; give --steps {done} "
+                                  f"or another --out")
     if done >= st.steps:
         return
-    mc = _model_config(st)
-    tc = MMTrainConfig(data="shapes", out=str(out), steps=st.steps, batch_size=st.batch_size, lr=st.lr,
-                       warmup=min(100, st.steps // 10), precision=st.precision, seed=st.seed,
+    tc = MMTrainConfig(**sig["train"], out=str(out), steps=st.steps, warmup=min(100, st.steps // 10),
                        ckpt_every=max(100, st.steps // 5), progress=st.progress)
-    trainer = MMTrainer(mc, dict(max_text_len=st.max_text_len, transfusion=transfusion), plan,
-                        MixConfig(st.image_first_prob, st.text_weight), tc, resume=bool(done))
-    log(f"training {out.name}: steps {trainer.step}..{st.steps}")
+    trainer = MMTrainer(ModelConfig.from_dict(sig["model"]), sig["text"], ARPlanConfig(**sig["plan"]),
+                        MixConfig(**sig["mix"]), tc, resume=bool(done))
+    log(f"training {name} in {out}: steps {trainer.step}..{st.steps}")
     trainer.train()
 
 
@@ -164,9 +174,13 @@ def run_suite(out_dir: str | Path, report: str | Path, settings: MMSuiteSettings
     test_images, _, test_objs = make_shapes("test", st.eval_n, 16)
     floor = (fid(test_images, make_shapes("train", st.eval_n, 16)[0], extractor),
              fid(test_images, redraw(test_objs, 16), extractor))
+    runs = {}
     for name, (transfusion, causal_plan) in RUNS.items():
-        run = out_dir / run_dir_name(name)
-        _train(st, run, transfusion, run_plan(st, causal_plan), log)
+        sig = run_signature(st, transfusion, run_plan(st, causal_plan))
+        run = runs[name] = run_dir_for(out_dir, sig)  # <out_dir>/_runs/<hash>
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "runs.json", {k: str(v) for k, v in runs.items()})  # name -> run directory
+        _train(st, name, run, sig, log)
         model, tok = load_multimodal(run)
         *curve, train_s = _log(run)
         row = {"train_s": train_s}

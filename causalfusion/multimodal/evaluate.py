@@ -168,7 +168,7 @@ def evaluate_model(model: MultimodalCausalFusion, tokenizer: TextTokenizer, spli
     prompts = [c[i % len(c)] for i, c in enumerate(caps)]
     gen = torch.cat([text_to_image(model, tokenizer, prompts[s:s + batch_size], cfg=cfg, steps=steps,
                                    ar_steps=ar_steps, seed=seed, first_index=s)
-                     for s in range(0, n, batch_size)]).clamp(-1, 1)
+                     for s in range(0, n, batch_size)]).clamp(-1, 1).cpu()  # a GPU model's samples: the checker reads numpy
     texts = [t for s in range(0, n, batch_size) for t in caption(model, tokenizer, images[s:s + batch_size])]
     shuffled = t2i_accuracy(gen, objs[1:] + objs[:1])
     out = {**t2i_accuracy(gen, objs), **{f"shuffled/{k}": v for k, v in shuffled.items()},

@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..ar_plan import ARPlanConfig
-from ..checkpoint import (CheckpointError, load_training_state, load_weights, read_config, read_run_config,
-                          save_checkpoint, trained_order, write_config)
+from ..checkpoint import (CheckpointError, check_same_config, load_training_state, load_weights, read_config,
+                          read_run_config, save_checkpoint, trained_order, write_config)
 from ..diffusion import Diffusion
 from ..models import ModelConfig
 from ..trainer import (adamw, apply_gradients, check_finite, check_precision, check_resume_step, check_run_dir,
@@ -106,16 +106,26 @@ class MMTrainer:
                   "plan": asdict(self.plan_cfg), "mix": asdict(self.mix), "train": asdict(c), "data": d.name}
         if self.resume:
             saved = read_config(self.out)
-            differ = [k for k in ("model", "text", "plan", "mix") if saved.get(k) != config[k]]
-            if differ:
-                raise CheckpointError(f"cannot resume {self.out}: {'/'.join(differ)} config differs from the checkpoint's")
+            self._check_resume(saved, config)
             state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
             self.step = check_resume_step(self.out, int(state["step"]), c.steps)
             self.gen.set_state(extra["gen"])
             self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
+            if saved.get("train") != config["train"]:  # resumed with other training flags:
+                write_config(self.out, {**saved, "train": config["train"]})  # the next resume starts from these
         else:
             write_config(self.out, config)
             self.tokenizer.save(self.out)
+
+    def _check_resume(self, saved: dict, config: dict) -> None:
+        """Refuse to continue a run with another model, text, plan or mix, or on other data (``data`` and
+        ``seed`` draw the images; ``tokenizer``/``bpe_vocab``: the run keeps its tokenizer.json). The
+        training settings (lr, steps, batch, ...) may change."""
+        data = ("data", "seed", "tokenizer", "bpe_vocab")
+        parts = {**{k: config[k] for k in ("model", "text", "plan", "mix")}, "data": {k: config["train"][k] for k in data}}
+        old = {**saved, "data": {k: saved.get("train", {}).get(k) for k in data}}
+        for part, given in parts.items():
+            check_same_config(self.out, part, old.get(part), given)
 
     def lr_at(self, step: int) -> float:
         return warmup_lr(step, self.cfg.lr, self.cfg.warmup)
