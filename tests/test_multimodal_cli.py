@@ -301,7 +301,8 @@ def test_ablate_multimodal_rerun_with_other_settings_trains_its_own_runs(tmp_pat
 
 
 def test_ablate_multimodal_defaults_are_the_suites_own(tmp_path, monkeypatch, capsys):
-    """--batch-size/--lr left out: MMSuiteSettings' 32 and 1e-3 (the ablate flags' 64 and 5e-4 replaced them)."""
+    """--batch-size/--lr/--eval-n left out: MMSuiteSettings' 32, 1e-3 and 256 (the ablate flags' 64, 5e-4
+    and 500 replaced them)."""
     import causalfusion.multimodal.ablation as mm_ablation
 
     seen = []
@@ -312,10 +313,11 @@ def test_ablate_multimodal_defaults_are_the_suites_own(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(mm_ablation, "run_suite", fake_suite)
     cmd = ["ablate", "--suite", "multimodal", "--steps", "1", "--out", str(tmp_path)]
-    assert main(cmd) == 0 and main([*cmd, "--batch-size", "64", "--lr", "5e-4"]) == 0
+    assert main(cmd) == 0 and main([*cmd, "--batch-size", "64", "--lr", "5e-4", "--eval-n", "500"]) == 0
     defaults = mm_ablation.MMSuiteSettings()
-    assert (seen[0].batch_size, seen[0].lr) == (defaults.batch_size, defaults.lr) == (32, 1e-3)
-    assert (seen[1].batch_size, seen[1].lr) == (64, 5e-4)  # given explicitly: used, even when equal to the flag default
+    assert (seen[0].batch_size, seen[0].lr, seen[0].eval_n) == (defaults.batch_size, defaults.lr, defaults.eval_n)
+    assert (defaults.batch_size, defaults.lr, defaults.eval_n) == (32, 1e-3, 256)
+    assert (seen[1].batch_size, seen[1].lr, seen[1].eval_n) == (64, 5e-4, 500)  # given: used, even if the flag default
 
 
 def test_t2i_steps_default_matches_text_to_image_and_eval_mm():

@@ -50,6 +50,12 @@ def cmd_ablate(a: argparse.Namespace) -> None:
     print(f"wrote {report} and {report.parent / (a.suite + '.png')}")
 
 
+def _suite_default_flags(p: argparse.ArgumentParser) -> None:
+    """The ablate flags whose defaults are the class-conditional suites' (the multimodal suite has its own)."""
+    for flag in ("--batch-size", "--lr", "--eval-n"):
+        p.add_argument(flag)
+
+
 def _ablate_multimodal(a: argparse.Namespace, command: str) -> None:
     """``--suite multimodal``: the shared ablate flags -> ``MMSuiteSettings``. ``--steps`` per run, or
     ``--budget`` seconds for the whole suite (all runs; about 10% is kept for evaluation). The report
@@ -62,10 +68,9 @@ def _ablate_multimodal(a: argparse.Namespace, command: str) -> None:
     if a.data not in ("digits", "shapes"):  # "digits" is the shared default flag value
         raise ValueError(f"the multimodal suite trains on the built-in captioned 'shapes' data, not {a.data!r}")
     st = MMSuiteSettings(precision=a.precision, depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads,
-                         seed=a.seed, eval_n=a.eval_n, eval_steps=a.eval_steps, progress=a.progress)
-    # --batch-size/--lr default to the class-conditional suites' 64 and 5e-4: left out, this suite's own
-    given = explicit_dests(getattr(a, "argv", []), lambda p: (p.add_argument("--batch-size"), p.add_argument("--lr")))
-    for k in given:
+                         seed=a.seed, eval_steps=a.eval_steps, progress=a.progress)
+    # --batch-size/--lr/--eval-n default to the class-conditional suites' 64, 5e-4 and 500: left out, this suite's own
+    for k in explicit_dests(getattr(a, "argv", []), _suite_default_flags):
         setattr(st, k, getattr(a, k))
     if a.prediction is not None:
         st.prediction = a.prediction
@@ -131,7 +136,7 @@ def add_parser(sub) -> None:
     b.add_argument("--num-heads", type=int, default=4)
     b.add_argument("--prediction", default=None, choices=PREDICTIONS,
                    help="multimodal suite only: eps or v (default v; the class-conditional suites use eps, as the paper)")
-    b.add_argument("--eval-n", type=int, default=500, help="samples per S_eval")
+    b.add_argument("--eval-n", type=int, default=500, help="samples per S_eval (multimodal suite: 256)")
     b.add_argument("--eval-steps", type=int, default=50, help="DDPM steps per AR step")
     b.add_argument("--s-eval", default=None, help="S_eval values (default: the suite's, e.g. 1,2,4,8)")
     b.add_argument("--inception", default=None, help="Inception-v3 weights (data other than digits)")
