@@ -217,6 +217,19 @@ def test_grey_folder_run_resumes_probes_and_is_scored_at_its_size(cache, tmp_pat
     assert Recorder.shapes == {(1, 16, 16)}
 
 
+def test_eval_passes_vae_path_and_writes_json(run_dir, tmp_path, monkeypatch):
+    import json
+
+    import causalfusion.evaluation as evaluation
+
+    seen = {}
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", lambda ckpt, **kw: seen.update(kw) or [{"ar_steps": 1}])
+    monkeypatch.setattr(evaluation, "format_rows", lambda rows: "table")
+    out = tmp_path / "rows.json"
+    assert main(["eval", "--ckpt", str(run_dir), "--vae-path", "/moved/vae", "--json", str(out)]) == 0
+    assert seen["vae_path"] == "/moved/vae" and json.loads(out.read_text()) == [{"ar_steps": 1}]
+
+
 # ---------------------------------------------------------------- probe
 
 def test_probe_tiny_checkpoint(run_dir, capsys):

@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from ..checkpoint import load_model
+from ..files import write_json
 from .common import add_sampler_args, check_outputs, parse_classes, sample_options
 
 def cmd_edit(a: argparse.Namespace) -> None:
@@ -25,8 +26,6 @@ def cmd_edit(a: argparse.Namespace) -> None:
     if not cfgs:
         raise ValueError(f"--cfg expects a number, got {a.cfg!r}")
     if a.eval_digits is not None:
-        import json
-
         if opts["groups"] is not None or len(opts["steps"]) != 1:
             raise ValueError("--eval-digits takes --ar-steps and a single --steps value (no --groups)")
         regions = [r for r in a.mask.split(",") if r.strip()]
@@ -38,8 +37,7 @@ def cmd_edit(a: argparse.Namespace) -> None:
                              seed=a.seed, batch_size=a.batch_size, cache=not a.no_cache, fraction=a.mask_frac)
         print(format_accuracy(rows))
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump(rows, f, indent=2)
+            write_json(a.json, rows)
             print(f"wrote {a.json}")
         return
     nc = model.cfg.num_classes

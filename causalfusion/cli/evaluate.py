@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 
 from ..diffusion import PREDICTIONS
+from ..files import write_json
 from .common import add_order_args, check_outputs, ints
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    import json
-
     from ..evaluation import evaluate_checkpoint, evaluate_npz, format_metrics, format_rows
 
     check_outputs(a.json)
@@ -23,11 +22,10 @@ def cmd_eval(a: argparse.Namespace) -> None:
         rows = evaluate_checkpoint(a.ckpt, n=a.n, ar_steps=ints(a.ar_steps, "--ar-steps"), order=a.order,
                                    steps=a.steps, cfg=a.cfg, seed=a.seed, data=a.data, inception=a.inception,
                                    ref=a.ref, raw=a.raw, device=a.device, batch_size=a.batch_size, block=a.block,
-                                   dilation=a.dilation)
+                                   dilation=a.dilation, vae_path=a.vae_path)
         print(format_rows(rows))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(a.json, rows)
         print(f"wrote {a.json}")
 
 
@@ -116,6 +114,7 @@ def add_parser(sub) -> None:
     e.add_argument("--inception", default=None, help="Inception-v3 weights file (the feature space for non-digits data)")
     e.add_argument("--ref", default=None, help="reference statistics .npz (mu, sigma[, features]); default: from --data")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--vae-path", default=None, help="where a latent run's VAE weights are now (if moved); checked by sha256")
     e.add_argument("--json", default=None, help="also write the numbers as JSON")
     e.set_defaults(func=cmd_eval)
 
