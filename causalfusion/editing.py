@@ -95,6 +95,7 @@ def edit(
     autoencoder: Autoencoder | None = None,
     path: GenerationPath | None = None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Regenerate the masked region of ``image`` as ``class_label``, ``n`` variations per image.
 
@@ -125,7 +126,7 @@ def edit(
     known = known.to(next(model.parameters()).device).repeat_interleave(n, 0)
     out = sample(model, labels.repeat_interleave(n), ar_steps=ar_steps, groups=groups, order=order, steps=steps,
                  sampler=sampler, eta=eta, cfg=cfg, cfg_interval=cfg_interval, seed=seed, first_index=first_index,
-                 cache=cache, block=block, dilation=dilation, path=path, progress=progress,
+                 cache=cache, block=block, dilation=dilation, path=path, progress=progress, precision=precision,
                  known=known, known_tokens=~regen)
     return out if autoencoder is None else autoencoder.decode(out)
 
@@ -168,6 +169,7 @@ def edit_accuracy(
     cfg_interval: tuple[float, float] = (0, 1000),
     block: int | None = None,
     dilation: int | None = None,
+    precision: str = "fp32",
     seed: int = 0,
     batch_size: int = 100,
     cache: bool = True,
@@ -202,7 +204,7 @@ def edit_accuracy(
     baseline_old = float((read == y.numpy()).mean())
     order, block, dilation = model_order(model, order, block, dilation)
     kw = dict(steps=steps, sampler=sampler, eta=eta, cfg_interval=cfg_interval, seed=seed, cache=cache,
-              progress=progress)
+              progress=progress, precision=precision)
     rows = []
     for cfg in cfgs:
         gen = torch.cat([sample(model, target[s:s + batch_size], cfg=cfg, first_index=s, **kw)

@@ -156,6 +156,7 @@ class EvalSetting:
     cfg: float = 1.0
     block: int = 4
     dilation: int = 2
+    precision: str = "fp32"  # or bf16: the model under autocast
 
     def label(self) -> str:
         return f"S={self.ar_steps} {self.order} T={self.steps} cfg={self.cfg:g}"
@@ -176,7 +177,7 @@ def sample_uint8(model: CausalFusion, labels: torch.Tensor, setting: EvalSetting
     for s in range(0, len(labels), batch_size):
         x = sample(model, labels[s:s + batch_size], ar_steps=setting.ar_steps, order=setting.order,
                    steps=setting.steps, cfg=setting.cfg, seed=seed, first_index=s, block=setting.block,
-                   dilation=setting.dilation)
+                   dilation=setting.dilation, precision=setting.precision)
         if autoencoder is not None:
             from .autoencoders import decode_in_batches
 
@@ -212,10 +213,10 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: int | list[in
                         data: str | None = None, inception: str | Path | None = None, ref: str | Path | None = None,
                         raw: bool = False, device: str = "cpu", batch_size: int = 500, block: int | None = None,
                         dilation: int | None = None, cache_dir: str | Path | None = None,
-                        vae_path: str | Path | None = None) -> list[dict]:
+                        vae_path: str | Path | None = None, precision: str = "fp32") -> list[dict]:
     """Sample a run at each S in ``ar_steps`` and score it (see ``evaluate_model``). ``order``,
     ``block``, ``dilation``: None = the ones the run was trained with; ``vae_path`` where a latent
-    run's VAE weights are now, if moved (checked by sha256)."""
+    run's VAE weights are now, if moved (checked by sha256); ``precision`` fp32 or bf16 sampling."""
     from .autoencoders import IdentityAutoencoder, run_autoencoder
     from .checkpoint import load_model, read_config
     from .sampling import model_order
@@ -230,7 +231,7 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: int | list[in
     reference = reference_stats(data, ext, ref, cache_dir, *pixel_size_and_channels(model.cfg, ae))
     ae = None if isinstance(ae, IdentityAutoencoder) else ae
     ar_steps = [ar_steps] if isinstance(ar_steps, int) else ar_steps
-    settings = [EvalSetting(s, order, steps, cfg, block, dilation) for s in ar_steps]
+    settings = [EvalSetting(s, order, steps, cfg, block, dilation, precision) for s in ar_steps]
     return evaluate_model(model, settings, ext, reference, n, seed, batch_size, ae)
 
 

@@ -251,6 +251,7 @@ def sample(
     dilation: int | None = None,
     path: GenerationPath | None = None,
     progress: bool = False,
+    precision: str = "fp32",
     known: torch.Tensor | None = None,
     known_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -262,7 +263,9 @@ def sample(
     per AR step; the paper's default is 250 DDPM steps); ``sampler`` ``ddpm`` (ancestral, fixed
     large variance) or ``ddim`` with ``eta``; ``cfg``/``cfg_interval`` classifier-free guidance for
     t in [lo, hi); ``first_index`` the global index of the first sample (per-sample seeding);
-    ``cache=False`` the uncached reference; ``path`` an optional ``GenerationPath`` recorder.
+    ``cache=False`` the uncached reference; ``path`` an optional ``GenerationPath`` recorder;
+    ``precision`` ``fp32`` or ``bf16`` (the model under autocast, as in training; the sampler's
+    arithmetic stays fp32).
 
     Editing (``causalfusion.editing``): ``known`` images [B, C, H, W] (model space) and
     ``known_tokens`` bool [L] or [B, L] (raster token index, True = kept; the same count in every
@@ -278,6 +281,8 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"DDIM eta must be a finite number >= 0, got {eta}")
+    if precision not in ("fp32", "bf16"):  # fp16 is refused everywhere (unusably slow on CPU, range issues)
+        raise ValueError(f"sampling precision must be fp32 or bf16, got {precision!r}")
     keep = _known_tokens(known, known_tokens, labels.shape[0], c)  # None: nothing known, plain sampling
     n_known = 0 if keep is None else int(keep[0].sum())
     sizes = resolve_groups(c.num_tokens - n_known, ar_steps, groups) if n_known < c.num_tokens else []
@@ -297,50 +302,52 @@ def sample(
     y = labels.to(device)
     doubled = cfg != 1.0
     y_all = torch.cat([y, torch.full_like(y, c.num_classes)]) if doubled else y
-    runner = (_CachedRunner if cache else _UncachedRunner)(model, y_all)
-    schedules = {n: Diffusion(prediction=c.prediction).respace(n) for n in set(per_step)}
-    x = torch.zeros(b, num_tokens, patch_dim, device=device)  # AR order; finished groups are clean
-    lo, hi = cfg_interval
-    bar = tqdm(total=sum(per_step), desc="sampling", disable=not progress, leave=False)
-    start = 0
-    if n_known:  # the known tokens are the clean first AR step: exact copies, committed like a finished group
-        x[:, :n_known] = torch.gather(model.patchify(known.to(device, x.dtype)), 1, order_idx)[:, :n_known]
-        if sizes:
-            runner.commit(x[:, :n_known], order[:, :n_known])
-        start = n_known
-    for s, n in enumerate(sizes):
-        diffusion, stop = schedules[per_step[s]], start + n
-        pos = order[:, start:stop]
-        # A full-image draw of which only this group's tokens are used: wasteful at large S, but it
-        # keeps S=1 draw-for-draw equal to sample_one_step and a token's noise independent of S.
-        xs = _noise_tokens(model, gens, order_idx)[:, start:stop]
-        bar.set_description(f"AR step {s + 1}/{len(sizes)}")
-        for i in range(len(diffusion) - 1, -1, -1):
-            t = int(diffusion.timesteps[i])
-            guide = doubled and lo <= t < hi
-            rows = 2 * b if guide else b
-            t_in = torch.full((rows, 1), t, device=device)  # one embedding per row, broadcast over tokens
-            if guide:
-                # the model's output (eps, or v): guidance is linear, so it applies to either
-                out_c, out_u = runner.output(torch.cat([xs, xs]), torch.cat([pos, pos]), t_in).float().chunk(2)
-                out = out_u + cfg * (out_c - out_u)
-            else:
-                out = runner.output(xs, pos, t_in).float()
-            if path is not None and path.wants(s, len(sizes), i, len(diffusion)):
-                x0 = diffusion.predict_x0(xs, i, out)
-                _record(path, model, x, start, stop, x0 if path.show == "x0" else xs, order, s, len(sizes), i)
-            need_noise = i > 0 and (sampler == "ddpm" or eta > 0)
-            noise = _noise_tokens(model, gens, order_idx)[:, start:stop] if need_noise else torch.zeros_like(xs)
-            if sampler == "ddpm":
-                xs = diffusion.ddpm_step(xs, i, out, noise)
-            else:
-                xs = diffusion.ddim_step(xs, i, out, noise, eta)
-            bar.update(1)
-        x[:, start:stop] = xs
-        if s < len(sizes) - 1:  # the last group's clean tokens are never looked at
-            runner.commit(xs, pos)
-        start = stop
-    bar.close()
+    # bf16: the model runs under autocast (as in training); the sampler's arithmetic stays fp32
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        runner = (_CachedRunner if cache else _UncachedRunner)(model, y_all)
+        schedules = {n: Diffusion(prediction=c.prediction).respace(n) for n in set(per_step)}
+        x = torch.zeros(b, num_tokens, patch_dim, device=device)  # AR order; finished groups are clean
+        lo, hi = cfg_interval
+        bar = tqdm(total=sum(per_step), desc="sampling", disable=not progress, leave=False)
+        start = 0
+        if n_known:  # the known tokens are the clean first AR step: exact copies, committed like a finished group
+            x[:, :n_known] = torch.gather(model.patchify(known.to(device, x.dtype)), 1, order_idx)[:, :n_known]
+            if sizes:
+                runner.commit(x[:, :n_known], order[:, :n_known])
+            start = n_known
+        for s, n in enumerate(sizes):
+            diffusion, stop = schedules[per_step[s]], start + n
+            pos = order[:, start:stop]
+            # A full-image draw of which only this group's tokens are used: wasteful at large S, but it
+            # keeps S=1 draw-for-draw equal to sample_one_step and a token's noise independent of S.
+            xs = _noise_tokens(model, gens, order_idx)[:, start:stop]
+            bar.set_description(f"AR step {s + 1}/{len(sizes)}")
+            for i in range(len(diffusion) - 1, -1, -1):
+                t = int(diffusion.timesteps[i])
+                guide = doubled and lo <= t < hi
+                rows = 2 * b if guide else b
+                t_in = torch.full((rows, 1), t, device=device)  # one embedding per row, broadcast over tokens
+                if guide:
+                    # the model's output (eps, or v): guidance is linear, so it applies to either
+                    out_c, out_u = runner.output(torch.cat([xs, xs]), torch.cat([pos, pos]), t_in).float().chunk(2)
+                    out = out_u + cfg * (out_c - out_u)
+                else:
+                    out = runner.output(xs, pos, t_in).float()
+                if path is not None and path.wants(s, len(sizes), i, len(diffusion)):
+                    x0 = diffusion.predict_x0(xs, i, out)
+                    _record(path, model, x, start, stop, x0 if path.show == "x0" else xs, order, s, len(sizes), i)
+                need_noise = i > 0 and (sampler == "ddpm" or eta > 0)
+                noise = _noise_tokens(model, gens, order_idx)[:, start:stop] if need_noise else torch.zeros_like(xs)
+                if sampler == "ddpm":
+                    xs = diffusion.ddpm_step(xs, i, out, noise)
+                else:
+                    xs = diffusion.ddim_step(xs, i, out, noise, eta)
+                bar.update(1)
+            x[:, start:stop] = xs
+            if s < len(sizes) - 1:  # the last group's clean tokens are never looked at
+                runner.commit(xs, pos)
+            start = stop
+        bar.close()
     images = tokens_to_images(model, x, order)
     if path is not None:
         path.finish(images)

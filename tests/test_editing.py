@@ -310,10 +310,10 @@ def test_cli_eval_digits_passes_every_sampler_option_on(run_dir, monkeypatch):
     monkeypatch.setattr(editing, "sample", record)
     assert main(["edit", "--ckpt", str(run_dir), "--eval-digits", "2", "--mask", "top", "--steps", "2",
                  "--sampler", "ddim", "--eta", "0.5", "--cfg-interval", "100,600", "--order", "block", "--block", "1",
-                 "--ar-steps", "2"]) == 0
+                 "--ar-steps", "2", "--precision", "bf16"]) == 0
     assert len(calls) == 2  # the plain samples (generated_new), then the edits
     for kw in calls:
-        assert (kw["sampler"], kw["eta"], kw["cfg_interval"]) == ("ddim", 0.5, (100.0, 600.0))
+        assert (kw["sampler"], kw["eta"], kw["cfg_interval"], kw["precision"]) == ("ddim", 0.5, (100.0, 600.0), "bf16")
     assert (calls[1]["order"], calls[1]["block"], calls[1]["ar_steps"]) == ("block", 1, 2)
 
 

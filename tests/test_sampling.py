@@ -210,6 +210,25 @@ def test_bad_arguments_are_refused_with_one_line(model, kw, needle):
     assert needle in msg and "\n" not in msg
 
 
+def test_bf16_sampling_runs_the_model_in_bf16_close_to_fp32(model, monkeypatch):
+    kw = dict(ar_steps=4, steps=20, cfg=2.0, seed=1)  # (at 4 steps the toy's samples reach |x| ~ 65)
+    ref = sample(model, LABELS, **kw)
+    dtypes = []
+    real = type(model).output
+
+    def spy(self, h):
+        out = real(self, h)
+        dtypes.append(out.dtype)  # the head's matmul ran in bf16
+        return out
+
+    monkeypatch.setattr(type(model), "output", spy)
+    low = sample(model, LABELS, precision="bf16", **kw)
+    assert set(dtypes) == {torch.bfloat16} and low.dtype == torch.float32  # the sampler's state stays fp32
+    assert 0 < max_diff(low, ref) < 0.05 * ref.abs().max()  # bf16 rounding, not another sample
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+        sample(model, LABELS, precision="fp16", **kw)
+
+
 def test_steps_per_ar_step_from_a_list_an_array_or_a_tensor():
     import numpy as np
 

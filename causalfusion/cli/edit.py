@@ -34,7 +34,8 @@ def cmd_edit(a: argparse.Namespace) -> None:
         rows = edit_accuracy(model, regions=regions, num=a.eval_digits, cfgs=cfgs,
                              ar_steps=a.ar_steps, order=opts["order"], steps=opts["steps"][0], sampler=a.sampler,
                              eta=a.eta, cfg_interval=opts["cfg_interval"], block=a.block, dilation=a.dilation,
-                             seed=a.seed, batch_size=a.batch_size, cache=not a.no_cache, fraction=a.mask_frac)
+                             precision=a.precision, seed=a.seed, batch_size=a.batch_size, cache=not a.no_cache,
+                             fraction=a.mask_frac)
         print(format_accuracy(rows))
         if a.json:
             write_json(a.json, rows)
@@ -58,13 +59,15 @@ def cmd_edit(a: argparse.Namespace) -> None:
         if len(classes) not in (1, len(gen)):
             raise ValueError(f"got {len(classes)} --class values for {len(gen)} originals (give one, or one per original)")
         originals = ae.decode(sample(model, gen, steps=opts["steps"][0], sampler=a.sampler, eta=a.eta, cfg=cfgs[0],
-                                     cfg_interval=opts["cfg_interval"], seed=a.seed, cache=not a.no_cache))
+                                     cfg_interval=opts["cfg_interval"], seed=a.seed, cache=not a.no_cache,
+                                     precision=a.precision))
     labels = torch.tensor(classes)
     edits = edit(model, originals, a.mask, labels, n=a.n, fraction=a.mask_frac, ar_steps=a.ar_steps,
                  groups=opts["groups"], order=opts["order"], steps=opts["steps"], sampler=a.sampler, eta=a.eta,
                  cfg=cfgs[0], cfg_interval=opts["cfg_interval"], seed=a.seed,
                  first_index=0 if a.image else len(originals),  # generated originals are samples 0..B-1
-                 cache=not a.no_cache, block=a.block, dilation=a.dilation, autoencoder=ae, progress=True)
+                 cache=not a.no_cache, block=a.block, dilation=a.dilation, autoencoder=ae, progress=True,
+                 precision=a.precision)
     save_grid(edit_figure(originals, pixels, edits, a.n), a.out, nrow=a.n + 2)
     print(f"wrote {a.out}: {len(originals)} row(s) of original | masked input | {a.n} variation(s)")
     if a.npz:

@@ -22,7 +22,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         rows = evaluate_checkpoint(a.ckpt, n=a.n, ar_steps=ints(a.ar_steps, "--ar-steps"), order=a.order,
                                    steps=a.steps, cfg=a.cfg, seed=a.seed, data=a.data, inception=a.inception,
                                    ref=a.ref, raw=a.raw, device=a.device, batch_size=a.batch_size, block=a.block,
-                                   dilation=a.dilation, vae_path=a.vae_path)
+                                   dilation=a.dilation, vae_path=a.vae_path, precision=a.precision)
         print(format_rows(rows))
     if a.json:
         write_json(a.json, rows)
@@ -114,6 +114,7 @@ def add_parser(sub) -> None:
     e.add_argument("--inception", default=None, help="Inception-v3 weights file (the feature space for non-digits data)")
     e.add_argument("--ref", default=None, help="reference statistics .npz (mu, sigma[, features]); default: from --data")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="sampling: bf16 runs the model under autocast")
     e.add_argument("--vae-path", default=None, help="where a latent run's VAE weights are now (if moved); checked by sha256")
     e.add_argument("--json", default=None, help="also write the numbers as JSON")
     e.set_defaults(func=cmd_eval)

@@ -43,7 +43,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
     labels = torch.tensor(classes).repeat(-(-a.n // len(classes)))[: a.n].sort(stable=True).values
     path = GenerationPath() if a.path_gif else None
     kw = dict(opts, groups=groups, sampler=a.sampler, eta=a.eta, cfg=a.cfg, seed=a.seed, cache=not a.no_cache,
-              block=a.block, dilation=a.dilation)
+              block=a.block, dilation=a.dilation, precision=a.precision)
     t0 = time.perf_counter()
     arr = sample_in_chunks(a.n, a.batch_size, lambda s, e: finite_images(decode_in_batches(ae, sample(
         model, labels[s:e], first_index=s, progress=env.is_main, path=path if s == 0 else None, **kw))), env)
