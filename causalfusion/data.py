@@ -5,6 +5,9 @@ is a torch.Generator, so a resumed run draws exactly the batches the uninterrupt
 """
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,11 +101,16 @@ class Dataset:
         if self.images is not None:
             x = self.images[index]
         else:
-            x = torch.stack([
-                image_to_tensor(center_crop_resize(open_image(self.paths[i]), self.image_size), self.channels)
-                for i in index.tolist()
-            ])
+            read = lambda i: image_to_tensor(center_crop_resize(open_image(self.paths[i]), self.image_size),  # noqa: E731
+                                             self.channels)
+            x = torch.stack(list(_decode_pool().map(read, index.tolist())))  # in order; PIL decodes outside the GIL
         return x if flip is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+@functools.cache
+def _decode_pool() -> ThreadPoolExecutor:
+    """Threads that open, crop and resize a batch's image files side by side."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
 def load_folder(root: str | Path, image_size: int, channels: int = 3) -> Dataset:

@@ -39,3 +39,17 @@ def test_center_crop_takes_the_middle():
     a[:, 30:] = (0, 0, 255)
     out = np.asarray(center_crop_resize(Image.fromarray(a), 10))
     assert out.shape == (10, 10, 3) and (out[..., 1] > 200).all() and (out[..., 0] < 50).all()
+
+
+def test_folder_batch_read_in_threads_keeps_index_order(tmp_path):
+    from causalfusion.data import load_folder
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    ds = load_folder(tmp_path, 16)
+    idx = torch.tensor([7, 0, 11, 3, 3, 5])
+    one_by_one = torch.cat([ds.get(idx[k:k + 1]) for k in range(len(idx))])
+    assert torch.equal(ds.get(idx), one_by_one) and not torch.equal(one_by_one[0], one_by_one[1])
