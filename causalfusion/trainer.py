@@ -103,8 +103,7 @@ def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)  # one kernel per dtype, not per tensor
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
