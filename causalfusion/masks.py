@@ -74,6 +74,7 @@ def generalized_causal_mask(
         torch.arange(num_copies).repeat_interleave(len(steps)),
     ])
 
+    kind, step, copy = (v.to(device) for v in (kind, step, copy))  # the [N, N] work on the model's device
     q_kind, k_kind = kind[:, None], kind[None, :]
     q_step, k_step = step[:, None], step[None, :]
     key_is_cond = k_kind == 0
@@ -81,8 +82,7 @@ def generalized_causal_mask(
     noisy_sees_clean = (q_kind == 2) & (k_kind == 1) & (k_step < q_step)
     noisy_sees_noisy = (q_kind == 2) & (k_kind == 2) & (k_step == q_step) & (copy[:, None] == copy[None, :])
     # Condition tokens see only condition tokens; every other token sees them too.
-    mask = key_is_cond | clean_ok | noisy_sees_clean | noisy_sees_noisy
-    return mask.to(device) if device is not None else mask
+    return key_is_cond | clean_ok | noisy_sees_clean | noisy_sees_noisy
 
 
 # ---- vision-language sequences (paper Sec. 6, App. C) -------------------------------------------
