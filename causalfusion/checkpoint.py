@@ -13,10 +13,11 @@ the step in its metadata, so a checkpoint torn by a crash between renames is det
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .ar_plan import ARPlanConfig
@@ -32,7 +33,24 @@ class CheckpointError(ValueError):
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)})
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata={"step": str(step)})
+        except SafetensorError as e:  # a full disk or a read-only directory: one line, not a traceback
+            raise OSError(f"cannot write {path} ({e})") from None
+
+
+def _prev(path: Path) -> Path:
+    """Where the previous checkpoint's file waits until the new state.json is written."""
+    return path.with_name(path.name + ".prev")
+
+
+def _read_with_step(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {}).get("step")
+    except Exception as e:  # safetensors raises several error types for damaged files
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
 
 
 def read_json(path: Path) -> dict:
@@ -48,16 +66,17 @@ def read_json(path: Path) -> dict:
 
 
 def read_tensors(path: Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors, checked against state.json's ``step``. A save interrupted before
+    its state.json was written left the old file as ``<name>.prev``: that one is read instead."""
     if not path.is_file():
         raise CheckpointError(f"{path} not found: the checkpoint is incomplete")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several error types for damaged files
-        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
-    if step is not None and meta.get("step") != str(step):
-        raise CheckpointError(f"{path} is from step {meta.get('step')} but state.json says {step}: torn checkpoint")
+    tensors, saved = _read_with_step(path)
+    if step is not None and saved != str(step):
+        if _prev(path).is_file():
+            old, old_step = _read_with_step(_prev(path))
+            if old_step == str(step):
+                return old
+        raise CheckpointError(f"{path} is from step {saved} but state.json says {step}: torn checkpoint")
     return tensors
 
 
@@ -87,10 +106,17 @@ def save_checkpoint_states(run_dir: str | Path, step: int, model_state: dict[str
     run_dir.mkdir(parents=True, exist_ok=True)
     train = {f"opt.{i}.{name}": v for i, s in opt_state["state"].items() for name, v in s.items()}
     train.update({f"extra.{k}": v for k, v in extra.items()})
-    _atomic_save_tensors(run_dir / "model.safetensors", model_state, step)
-    _atomic_save_tensors(run_dir / "ema.safetensors", ema_state, step)
-    _atomic_save_tensors(run_dir / "train.safetensors", train, step)
+    # Each file is replaced atomically, but not the three together: until state.json names the new
+    # step, the old files stay beside them as .prev, so an interrupted save resumes from the last one.
+    for name, tensors in zip(FILES, (model_state, ema_state, train)):
+        path = run_dir / name
+        _prev(path).unlink(missing_ok=True)
+        if path.is_file():
+            os.link(path, _prev(path))  # a second name for the old file: no copy
+        _atomic_save_tensors(path, tensors, step)
     write_json(run_dir / "state.json", {**meta, "step": step, "param_groups": opt_state["param_groups"]}, sort_keys=True)
+    for name in FILES:
+        _prev(run_dir / name).unlink(missing_ok=True)
 
 
 def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.nn.Module,

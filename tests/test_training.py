@@ -269,3 +269,32 @@ def test_demo_resume_without_steps_keeps_the_runs_target(tmp_path, monkeypatch):
     assert demo.run_demo(str(tmp_path), steps=2, **small)["step"] == 2
     monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("trained past the run's 2 steps"))
     assert demo.run_demo(str(tmp_path), resume=True, **small)["step"] == 2
+
+
+def test_a_save_interrupted_between_its_files_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
+    """The three weight files are replaced one by one; killed after the first, the run still resumes
+    (from the previous checkpoint, kept as .prev until the new state.json is written)."""
+    import causalfusion.checkpoint as checkpoint
+
+    Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "b", steps=3, ckpt_every=3)).train()
+    real, written = checkpoint._atomic_save_tensors, []
+
+    def die_after_the_model_file(path, tensors, step):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        real(path, tensors, step)
+
+    monkeypatch.setattr(checkpoint, "_atomic_save_tensors", die_after_the_model_file)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "b", steps=6, ckpt_every=6), resume=True).train()
+    monkeypatch.setattr(checkpoint, "_atomic_save_tensors", real)
+    assert written == [tmp_path / "b" / "model.safetensors"]  # step 6's model beside step 3's state.json
+    resumed = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "b", steps=6), resume=True)
+    assert resumed.step == 3
+    resumed.train()
+    straight = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "c", steps=6))
+    straight.train()
+    for p, q in zip(straight.ema.parameters(), resumed.ema.parameters()):
+        assert torch.equal(p, q)
+    assert not list((tmp_path / "b").glob("*.prev"))  # cleared once a state.json names the new files

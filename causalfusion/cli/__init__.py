@@ -7,12 +7,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from safetensors import SafetensorError
+
 from ..checkpoint import CheckpointError
 from . import edit, evaluate, info, multimodal, sample, train
 from .train import add_train_args
 
 # OSError: an output that cannot be written (a directory, a full disk, no permission), a damaged file
-USER_ERRORS = (ValueError, CheckpointError, OSError, FloatingPointError, KeyError)
+# SafetensorError: a cache file that cannot be written (full disk, read-only cache directory)
+USER_ERRORS = (ValueError, CheckpointError, OSError, FloatingPointError, KeyError, SafetensorError)
 
 
 class OneLineErrors(argparse.ArgumentParser):
