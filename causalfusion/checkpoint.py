@@ -139,6 +139,9 @@ def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.
 
 
 def _load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # every sample, score and caption would be NaN
+        raise CheckpointError(f"{path} holds non-finite values (in {bad})")
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as e:  # torch's message: a header line, then one line per mismatch

@@ -160,7 +160,7 @@ class EpochSampler:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if num_items < 1:  # next() would never fill a batch
             raise ValueError(f"{name} holds no images: nothing to train on")
-        self.num_items, self.batch_size, self.gen = num_items, batch_size, generator
+        self.num_items, self.batch_size, self.gen, self.name = num_items, batch_size, generator, name
         self._perm, self._pos = torch.empty(0, dtype=torch.long), 0
 
     def next_index(self) -> torch.Tensor:
@@ -179,7 +179,11 @@ class EpochSampler:
         return {"perm": self._perm.clone(), "pos": torch.tensor(self._pos)}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._perm, self._pos = state["perm"].clone(), int(state["pos"])
+        perm, pos = state["perm"], int(state["pos"])
+        if len(perm) and (not torch.equal(perm.sort().values, torch.arange(self.num_items)) or not 0 <= pos <= len(perm)):
+            raise ValueError(f"{self.name} has {self.num_items} items, not the {len(perm)} the checkpoint was "
+                             f"drawing from: the data changed since it was saved")
+        self._perm, self._pos = perm.clone(), pos
 
 
 class BatchStream(EpochSampler):

@@ -15,6 +15,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to; on success it replaces ``path``, on an
     error it is removed. ``suffix`` keeps writers that insist on an extension happy (``.tmp.npz``)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}{suffix}")  # the pid: ranks writing side by side
     try:
         yield tmp

@@ -277,8 +277,8 @@ class Trainer:
         c = self.cfg
         log_path = self.out / "log.csv"
         new_log = not log_path.exists()
-        if not new_log and self.is_main:
-            trim_log(log_path, self.step)  # rows a killed or NaN-stopped run logged after its last checkpoint
+        if not new_log and self.is_main:  # rows a killed or NaN-stopped run logged after its last checkpoint
+            new_log = trim_log(log_path, self.step)
         writer = _tensorboard(self.out) if self.is_main else None
         last: dict[str, float] = {}
         with open(log_path if self.is_main else os.devnull, "a", newline="") as f:
@@ -314,13 +314,19 @@ class Trainer:
         return last
 
 
-def trim_log(path: Path, step: int) -> None:
+def trim_log(path: Path, step: int) -> bool:
     """Keep the header and the rows of steps <= ``step`` (the checkpoint a resumed run continues from),
-    so the steps it trains again are not logged twice."""
-    lines = path.read_text().splitlines(keepends=True)
-    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
-    if len(keep) != len(lines):
+    so the steps it trains again are not logged twice; a row cut off mid-write goes too. Returns
+    whether the log is empty (it needs its header)."""
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a text CSV log; move it away to resume") from None
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.endswith("\n") and ln.split(",", 1)[0].isdigit()
+                        and int(ln.split(",", 1)[0]) <= step]
+    if keep != lines:
         write_text(path, "".join(keep))
+    return not keep
 
 
 def _tensorboard(out: Path):

@@ -93,7 +93,7 @@ def test_corrupt_checkpoint_is_one_line(run_dir, tmp_path, capsys):
 
 
 def test_checkpoint_json_that_is_not_an_object_and_nan_weights(run_dir, tmp_path, capsys):
-    """A config.json holding a list is one line; NaN weights give no (black) images, one line."""
+    """A config.json holding a list is one line; NaN weights are refused on loading, one line."""
     from safetensors.torch import load_file, save_file
 
     bad = copy_run(run_dir, tmp_path / "bad")
@@ -108,7 +108,7 @@ def test_checkpoint_json_that_is_not_an_object_and_nan_weights(run_dir, tmp_path
               metadata={"step": str(meta["step"])})
     assert main(["sample", "--ckpt", str(bad), "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]  # (after the progress bar)
-    assert len(errors) == 1 and "NaN or inf" in errors[0]
+    assert len(errors) == 1 and "ema.safetensors holds non-finite values" in errors[0]  # refused on loading
     assert not (tmp_path / "x.png").exists()
 
 

@@ -37,3 +37,8 @@ def test_replace_is_atomic(tmp_path):
         write_json(path, {"step": 2})
         assert json.loads(old.read()) == {"step": 1}
     assert path.stat().st_ino != before and json.loads(path.read_text()) == {"step": 2}
+
+
+def test_write_json_creates_the_missing_directory(tmp_path):
+    write_json(tmp_path / "new" / "dir" / "rows.json", [1, 2])
+    assert json.loads((tmp_path / "new" / "dir" / "rows.json").read_text()) == [1, 2]

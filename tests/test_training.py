@@ -298,3 +298,28 @@ def test_a_save_interrupted_between_its_files_resumes_from_the_last_checkpoint(t
     for p, q in zip(straight.ema.parameters(), resumed.ema.parameters()):
         assert torch.equal(p, q)
     assert not list((tmp_path / "b").glob("*.prev"))  # cleared once a state.json names the new files
+
+
+def test_trim_log_drops_a_cut_off_row_and_rewrites_the_header_of_an_empty_log(tmp_path):
+    from causalfusion.trainer import trim_log
+
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss\n1,0.5\n2,0.4\n3,0.3\n4,0.")  # killed while writing row 4
+    assert trim_log(log, 3) is False and log.read_text() == "step,loss\n1,0.5\n2,0.4\n3,0.3\n"
+    log.write_text("")
+    assert trim_log(log, 3) is True  # the trainer writes the header again
+    log.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(CheckpointError, match="log.csv is not a text CSV log"):
+        trim_log(log, 3)
+
+
+def test_resuming_on_changed_data_is_refused():
+    from causalfusion.data import EpochSampler
+
+    saved = EpochSampler(12, 4, torch.Generator().manual_seed(0))
+    saved.next_index()
+    with pytest.raises(ValueError, match="has 10 items, not the 12 the checkpoint was drawing from"):
+        EpochSampler(10, 4, torch.Generator()).load_state(saved.state())
+    same = EpochSampler(12, 4, torch.Generator())
+    same.load_state(saved.state())
+    assert torch.equal(same.next_index(), saved.next_index())

@@ -153,8 +153,8 @@ class MMTrainer:
         """Run to ``cfg.steps``; log.csv holds running means of the losses (text over image-first rows)."""
         c, log_path = self.cfg, self.out / "log.csv"
         new_log = not log_path.exists()
-        if not new_log:
-            trim_log(log_path, self.step)  # rows a killed run logged after its last checkpoint
+        if not new_log:  # rows a killed run logged after its last checkpoint
+            new_log = trim_log(log_path, self.step)
         last: dict[str, float] = {}
         sums = {"loss": 0.0, "image_loss": 0.0, "text_loss": 0.0, "n": 0, "n_text": 0}
         with open(log_path, "a", newline="") as f:
