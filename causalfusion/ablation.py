@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .ar_plan import ARPlanConfig
+from .checkpoint import read_json
 from .files import write_json
 
 if TYPE_CHECKING:  # annotations only; training and evaluation load lazily where they are used
@@ -277,7 +278,7 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
     sig, esig = run_signature(st, cfg, steps), eval_signature(st)
     res_path = out / "result.json"
     if res_path.is_file():
-        res = json.loads(res_path.read_text())
+        res = read_json(res_path)  # one line naming the file when it is damaged
         if res.get("signature") != sig:
             raise ValueError(f"{out} holds a run with other settings ({res_path}); delete it or choose another --out")
         done = {r["ar_steps"]: r for r in res["rows"]} if res.get("eval_signature") == esig else {}
@@ -348,7 +349,7 @@ def run_suite(name: str, settings: AblationSettings | None = None, out_root: str
     if max(s_eval) > mc.num_tokens:
         raise ValueError(f"S_eval {max(s_eval)} exceeds the {mc.num_tokens} tokens of an image")
     suite_path = out / "suite.json"
-    saved = json.loads(suite_path.read_text()) if suite_path.is_file() else None
+    saved = read_json(suite_path) if suite_path.is_file() else None
     keep = json.loads(json.dumps({k: v for k, v in asdict(st).items()  # JSON round trip: tuples -> lists
                                   if k not in ("steps", "budget", "progress", "cache_dir")}))
     if saved and saved.get("settings") == keep and saved.get("budget") == st.budget and st.budget is not None:
@@ -362,22 +363,20 @@ def run_suite(name: str, settings: AblationSettings | None = None, out_root: str
     steps = int(calib["steps"])
     same = saved and saved.get("settings") == keep and int(saved.get("calibration", {}).get("steps", -1)) == steps
     history = saved.get("invocations", []) if same else []
-    suite_path.write_text(json.dumps({"settings": keep, "budget": st.budget, "calibration": calib,
-                                      "invocations": history}, indent=2))
+    write_json(suite_path, {"settings": keep, "budget": st.budget, "calibration": calib, "invocations": history})
     log(f"{name}: {len(suite.configs)} configs x {steps} steps (batch {st.batch_size}), S_eval {list(s_eval)}, "
         f"{st.eval_n} samples x {st.eval_steps} DDPM steps each")
     extractor = make_extractor(st.data, st.inception, "cpu", st.cache_dir)
-    reference = reference_stats(st.data, extractor, st.ref, st.cache_dir)
+    reference = reference_stats(st.data, extractor, st.ref, st.cache_dir, mc.image_size, mc.in_channels)
     results, runs = [], {}
     for cfg in suite.configs:
         run_dir = run_dir_for(Path(out_root), run_signature(st, cfg, steps))
         runs[cfg.name] = str(run_dir)
-        (out / "runs.json").write_text(json.dumps(runs, indent=2))  # config -> its run directory
+        write_json(out / "runs.json", runs)  # config -> its run directory
         results.append(run_config(st, cfg, run_dir, steps, s_eval, dataset, mc, extractor, reference, log, code))
     wall = time.perf_counter() - t_start
     history.append({"command": command, "wall_seconds": round(wall, 1), "configs": [c.name for c in suite.configs],
                     "reused": sum(bool(r.get("reused")) for r in results), "commit": code[0],
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    suite_path.write_text(json.dumps({"settings": keep, "budget": st.budget, "calibration": calib,
-                                      "invocations": history}, indent=2))
+    write_json(suite_path, {"settings": keep, "budget": st.budget, "calibration": calib, "invocations": history})
     return write_report(out, suite, st, results, steps, s_eval, calib, wall, command, mc, extractor, code, history)

@@ -76,10 +76,11 @@ def reference_stats(data: str, extractor: FeatureExtractor, ref: str | Path | No
     if path.is_file():
         try:
             stats = load_reference_stats(path)
-            if stats.extractor == extractor.name:
+            if (stats.extractor == extractor.name and stats.dim == extractor.num_features
+                    and np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
                 return stats
         except (ValueError, OSError, zipfile.BadZipFile):
-            pass  # a damaged cache entry: recompute it
+            pass  # a damaged cache entry (or a valid file with NaNs or another width): recompute it
     stats = compute_reference_stats(_dataset_images(data, image_size, channels), extractor, layout="NCHW",
                                     keep_features=10_000)
     save_reference_stats(stats, path)

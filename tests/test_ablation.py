@@ -183,3 +183,11 @@ def test_budget_choice_kept_on_resume(cache, tmp_path, monkeypatch):
     assert len(calls) == 1 and "3 training steps per config (chosen from --budget 50 s" in report
     assert "earlier invocation 1: `first`" in report and "- command: `second`" in report
     assert "1 of 1 configs reused" in report
+
+
+def test_a_damaged_suite_file_is_one_line_naming_it(cache, tmp_path):
+    out = tmp_path / "order"
+    out.mkdir()
+    (out / "suite.json").write_text('{"settings": ')  # cut off mid-write by an older version
+    with pytest.raises(ValueError, match=r"suite.json is corrupt"):
+        run_suite("order", tiny(cache), tmp_path, ["raster"], log=lambda m: None)

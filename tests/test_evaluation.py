@@ -110,6 +110,10 @@ def test_reference_stats_cached(cache):
     mtime = files[0].stat().st_mtime_ns
     again = reference_stats("digits", ext)
     assert files[0].stat().st_mtime_ns == mtime and np.allclose(again.mu, first.mu)
+    from causalfusion.metrics import ReferenceStats, save_reference_stats
+
+    save_reference_stats(ReferenceStats(first.mu * np.nan, first.sigma, first.features, first.extractor), files[0])
+    assert np.allclose(reference_stats("digits", ext).mu, first.mu)  # a cached entry with NaNs is recomputed
 
 
 def test_eval_checkpoint_table_per_setting(run_dir, capsys):
