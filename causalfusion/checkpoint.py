@@ -133,8 +133,17 @@ def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.
         if key.startswith("opt."):
             _, i, name = key.split(".", 2)
             opt_state.setdefault(int(i), {})[name] = v
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    bad = [i for i, s in opt_state.items() if i >= len(params) or any(
+        v.shape != params[i].shape for k, v in s.items() if k in ("exp_avg", "exp_avg_sq"))]
+    if bad:  # (parameters that never had a gradient have no state: fewer entries are fine)
+        raise CheckpointError(f"{run_dir / 'train.safetensors'}'s optimizer state does not fit the model "
+                              f"(parameter {bad[0]})")
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     extra = {k[len("extra."):]: v for k, v in train.items() if k.startswith("extra.")}
+    missing = {"gen", "perm", "pos"} - set(extra)
+    if missing:
+        raise CheckpointError(f"{run_dir / 'train.safetensors'} lacks the {'/'.join(sorted(missing))} entries")
     return state, extra
 
 

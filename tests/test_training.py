@@ -323,3 +323,13 @@ def test_resuming_on_changed_data_is_refused():
     same = EpochSampler(12, 4, torch.Generator())
     same.load_state(saved.state())
     assert torch.equal(same.next_index(), saved.next_index())
+
+
+def test_training_state_of_another_model_is_refused(tmp_path):
+    import shutil
+
+    Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "a", steps=2, ckpt_every=2)).train()
+    Trainer(digits_model(hidden_size=64), ARPlanConfig(), small_train(tmp_path / "b", steps=2, ckpt_every=2)).train()
+    shutil.copy(tmp_path / "b" / "train.safetensors", tmp_path / "a" / "train.safetensors")  # same step, wider model
+    with pytest.raises(CheckpointError, match="optimizer state does not fit the model"):
+        Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "a", steps=4), resume=True)
