@@ -121,8 +121,9 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
             check_same_autoencoder(old.get("autoencoder"), index["autoencoder"], "cached", "requested")
         except AutoencoderError as e:
             raise CacheError(f"{out} holds a latent cache made with other settings: {e}") from None
-        if old.get("complete"):
-            return old
+        intact = all(_shard_ok(out / s["file"], i, s["count"], flip, posterior) for i, s in enumerate(index["shards"]))
+        if old.get("complete") and intact:
+            return old  # (a finished cache with a deleted or damaged shard is repaired below)
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(path, index)

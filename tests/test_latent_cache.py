@@ -132,6 +132,13 @@ def test_killed_caching_run_continues_without_reencoding(world, tmp_path):
     assert (out / "shard_00000.safetensors").stat().st_mtime_ns == before
     torch.testing.assert_close(open_latent_cache(out).get(torch.arange(10)),
                                open_latent_cache(world / "cache").get(torch.arange(10)))
+    # a finished cache that lost a shard: the same command encodes that shard again, only that one
+    (out / "shard_00001.safetensors").unlink()
+    repair = _Counting(ae)
+    assert cache_latents(ds, out, repair, shard_size=4, batch_size=2, progress=False)["complete"]
+    assert repair.images == 2 * 4 and (out / "shard_00001.safetensors").exists()
+    torch.testing.assert_close(open_latent_cache(out).get(torch.arange(10)),
+                               open_latent_cache(world / "cache").get(torch.arange(10)))
     # other settings in the same directory are refused, not mixed in
     with pytest.raises(CacheError, match="other settings"):
         cache_latents(ds, out, ae, shard_size=4, batch_size=2, progress=False, flip=False)
