@@ -195,3 +195,11 @@ def test_usage_errors_are_one_line(argv, needle, capsys):
 def test_train_into_existing_run_without_resume_is_refused(run_dir, capsys):
     assert main(["train", "--out", str(run_dir), "--steps", "5", *TINY]) == 2
     assert "already holds a checkpoint" in one_error_line(capsys)
+
+
+def test_an_output_directory_without_write_permission_is_refused_before_sampling(run_dir, tmp_path, monkeypatch, capsys):
+    import causalfusion.cli.common as common
+
+    monkeypatch.setattr(common.os, "access", lambda path, mode: False)  # (as root, chmod would not stop us)
+    assert main(["sample", "--ckpt", str(run_dir), "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no permission to write in" in one_error_line(capsys) and not (tmp_path / "x.png").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from ..ar_plan import ORDERS
 
 def check_outputs(*paths: str | None) -> None:
     """Refuse (one line) output files that could not be written, before any work or any write:
-    an existing directory, or a path under an existing file. None entries are skipped."""
+    an existing directory, a path under an existing file, or one in a directory we may not write.
+    None entries are skipped."""
     given = [Path(p) for p in paths if p]
     for p in given:
         if p.is_dir():
@@ -21,6 +23,8 @@ def check_outputs(*paths: str | None) -> None:
             parent = parent.parent
         if not parent.is_dir():
             raise ValueError(f"cannot write {p}: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write {p}: no permission to write in {parent}")
     if len({p.resolve() for p in given}) < len(given):
         raise ValueError("two outputs name the same file: " + ", ".join(map(str, given)))
 
