@@ -86,7 +86,25 @@ def write_config(run_dir: str | Path, config: dict) -> None:
 
 
 def read_config(run_dir: str | Path) -> dict:
-    return read_json(Path(run_dir) / "config.json")
+    """config.json, its sections checked for type (a hand-edited file fails here, in one line)."""
+    path = Path(run_dir) / "config.json"
+    config = read_json(path)
+    bad = [k for k in ("model", "plan", "train", "text", "mix", "autoencoder")
+           if config.get(k) is not None and not isinstance(config[k], dict)]
+    bad += [k for k in ("data", "kind") if config.get(k) is not None and not isinstance(config[k], str)]
+    if bad:
+        raise CheckpointError(f"{path} is corrupt ({bad[0]!r} has the wrong type)")
+    return config
+
+
+def read_state(run_dir: str | Path) -> dict:
+    """state.json, with its step checked (an int >= 0: the weight files are checked against it)."""
+    path = Path(run_dir) / "state.json"
+    state = read_json(path)
+    step = state.get("step")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise CheckpointError(f"{path} is corrupt (step {step!r})")
+    return state
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, ema: torch.nn.Module,
@@ -123,8 +141,8 @@ def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.
                         optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model, EMA and optimizer in place; return (state.json, extra tensors)."""
     run_dir = Path(run_dir)
-    state = read_json(run_dir / "state.json")
-    step = state.get("step")
+    state = read_state(run_dir)
+    step = state["step"]
     _load_weights(model, read_tensors(run_dir / "model.safetensors", step), run_dir / "model.safetensors")
     _load_weights(ema, read_tensors(run_dir / "ema.safetensors", step), run_dir / "ema.safetensors")
     train = read_tensors(run_dir / "train.safetensors", step)
@@ -139,7 +157,10 @@ def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.
     if bad:  # (parameters that never had a gradient have no state: fewer entries are fine)
         raise CheckpointError(f"{run_dir / 'train.safetensors'}'s optimizer state does not fit the model "
                               f"(parameter {bad[0]})")
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # param_groups of another optimizer or model
+        raise CheckpointError(f"{run_dir / 'state.json'}'s param_groups do not fit the optimizer ({e})") from None
     extra = {k[len("extra."):]: v for k, v in train.items() if k.startswith("extra.")}
     missing = {"gen", "perm", "pos"} - set(extra)
     if missing:
@@ -189,7 +210,7 @@ def check_same_config(run_dir: str | Path, part: str, saved: dict | None, given:
 def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True) -> torch.nn.Module:
     """Load a run's EMA (or raw) weights into ``module`` (strict), checked against state.json's step."""
     run_dir = Path(run_dir)
-    step = read_json(run_dir / "state.json").get("step")
+    step = read_state(run_dir)["step"]
     path = run_dir / ("ema.safetensors" if ema else "model.safetensors")
     _load_weights(module, read_tensors(path, step), path)
     return module

@@ -203,3 +203,19 @@ def test_an_output_directory_without_write_permission_is_refused_before_sampling
     monkeypatch.setattr(common.os, "access", lambda path, mode: False)  # (as root, chmod would not stop us)
     assert main(["sample", "--ckpt", str(run_dir), "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
     assert "no permission to write in" in one_error_line(capsys) and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("file, edit, needle", [
+    ("state.json", {"step": None}, "state.json is corrupt (step None)"),
+    ("state.json", {"param_groups": "x"}, "param_groups do not fit the optimizer"),
+    ("config.json", {"model": []}, "config.json is corrupt ('model' has the wrong type)"),
+    ("config.json", {"autoencoder": "x"}, "config.json is corrupt ('autoencoder' has the wrong type)"),
+    ("config.json", {"train": "x"}, "config.json is corrupt ('train' has the wrong type)"),
+])
+def test_run_json_fields_of_the_wrong_type_are_one_line(run_dir, tmp_path, file, edit, needle, capsys):
+    bad = copy_run(run_dir, tmp_path / "bad")
+    (bad / file).write_text(json.dumps({**json.loads((bad / file).read_text()), **edit}))
+    before = {p.name: p.read_bytes() for p in bad.iterdir()}
+    assert main(["train", "--out", str(bad), "--resume", "--steps", "5", "--no-progress"]) == 2
+    assert needle in one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in bad.iterdir()} == before
