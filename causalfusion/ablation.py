@@ -252,7 +252,15 @@ def _final_loss(run_dir: Path, frac: float = 0.1) -> float | None:
 
 def _read_code(out: Path) -> list[dict]:
     path = out / "code.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        code = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({e})") from None
+    if not (isinstance(code, list) and all(isinstance(c, dict) for c in code)):
+        raise ValueError(f"{path} is corrupt (not a list of objects)")
+    return code
 
 
 def _record_code(out: Path, code: tuple[str, str], from_step: int) -> list[dict]:

@@ -191,3 +191,8 @@ def test_a_damaged_suite_file_is_one_line_naming_it(cache, tmp_path):
     (out / "suite.json").write_text('{"settings": ')  # cut off mid-write by an older version
     with pytest.raises(ValueError, match=r"suite.json is corrupt"):
         run_suite("order", tiny(cache), tmp_path, ["raster"], log=lambda m: None)
+    from causalfusion.ablation import _read_code
+
+    (tmp_path / "code.json").write_text('{"commit": "x"}')  # an object, not the list of invocations
+    with pytest.raises(ValueError, match=r"code.json is corrupt \(not a list of objects\)"):
+        _read_code(tmp_path)

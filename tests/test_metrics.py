@@ -379,3 +379,14 @@ def test_fid_retries_a_singular_product_with_nudged_diagonals(monkeypatch):
     assert len(calls) == 2 and np.allclose(calls[1], (s1 + 1e-3 * np.eye(2)) @ (s2 + 1e-3 * np.eye(2)))
     # the traces keep the given covariances; only the square root sees the nudged ones
     assert d == pytest.approx(sum(a + b - 2 * np.sqrt((a + 1e-3) * (b + 1e-3)) for a, b in ((1, 9), (4, 1))))
+
+
+def test_a_cache_path_that_is_a_file_is_named(tmp_path, monkeypatch):
+    from causalfusion.metrics.extractor import default_cache_dir
+
+    (tmp_path / "f").write_text("x")
+    monkeypatch.setenv("CAUSALFUSION_CACHE", str(tmp_path / "f"))
+    with pytest.raises(ValueError, match=r"\$CAUSALFUSION_CACHE\) is a file"):
+        default_cache_dir()
+    monkeypatch.setenv("CAUSALFUSION_CACHE", str(tmp_path / "d"))
+    assert default_cache_dir() == tmp_path / "d"

@@ -57,4 +57,7 @@ class FeatureExtractor(abc.ABC):
 def default_cache_dir() -> Path:
     """Where downloaded/trained evaluation networks live: $CAUSALFUSION_CACHE or ~/.cache/causalfusion."""
     env = os.environ.get("CAUSALFUSION_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "causalfusion"
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "causalfusion"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"the cache directory {path} ({'$CAUSALFUSION_CACHE' if env else 'default'}) is a file")
+    return path
