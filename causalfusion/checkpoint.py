@@ -20,7 +20,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .ar_plan import ARPlanConfig
 from .files import atomic_path, write_json
 from .models import CausalFusion, ModelConfig
 
@@ -190,12 +189,12 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 
 def trained_order(config: dict) -> dict:
-    """{"order", "block", "dilation"} of the plan in a run's config.json (ARPlanConfig's defaults
-    where it has none). ``load_model`` attaches them to the model as ``model.trained_order``, and
-    sampling defaults to them: a model trained in raster order has never seen a random order's
-    groups, and at S > 1 turns them into noise."""
+    """The "order", "block" and "dilation" the plan in a run's config.json names. ``load_model``
+    attaches them to the model as ``model.trained_order``, and sampling defaults to them
+    (``sampling.model_order``, which fills in ARPlanConfig's for any missing): a model trained in
+    raster order has never seen a random order's groups."""
     plan = config.get("plan") if isinstance(config.get("plan"), dict) else {}
-    return {k: plan.get(k, getattr(ARPlanConfig, k)) for k in ("order", "block", "dilation")}
+    return {k: plan[k] for k in ("order", "block", "dilation") if k in plan}
 
 
 def check_same_config(run_dir: str | Path, part: str, saved: dict | None, given: dict) -> None:
