@@ -177,6 +177,7 @@ class Trainer:
     resume: bool = False
     dataset: Dataset | None = None
     step: int = field(init=False, default=0)
+    _new_config: dict | None = field(init=False, default=None, repr=False)  # resumed with other training flags
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -221,8 +222,8 @@ class Trainer:
         self.step = check_resume_step(self.out, int(state["step"]), self.cfg.steps)
         self.gen.set_state(extra["gen"])
         self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
-        if self.is_main and saved.get("train") != asdict(self.cfg):  # resumed with other training flags:
-            write_config(self.out, {**saved, "train": asdict(self.cfg)})  # the next resume starts from these
+        if saved.get("train") != asdict(self.cfg):  # resumed with other training flags: the next resume
+            self._new_config = {**saved, "train": asdict(self.cfg)}  # starts from these, once a checkpoint has them
 
     def lr_at(self, step: int) -> float:
         return warmup_lr(step, self.cfg.lr, self.cfg.warmup)
@@ -246,7 +247,15 @@ class Trainer:
         self.step += 1
         return {"loss": loss.item(), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1), "ar_steps": plan.num_steps}
 
+    def _write_new_config(self) -> None:
+        """A resume's changed training flags go into config.json with the first checkpoint they trained
+        (a resume that fails before it leaves config.json as it was)."""
+        if self._new_config and self.is_main:
+            write_config(self.out, self._new_config)
+            self._new_config = None
+
     def save(self) -> None:
+        self._write_new_config()
         extra = {"gen": self.gen.get_state(), **self.stream.state()}
         save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, extra, {"data": self.dataset.name})
 

@@ -313,6 +313,19 @@ def test_trim_log_drops_a_cut_off_row_and_rewrites_the_header_of_an_empty_log(tm
         trim_log(log, 3)
 
 
+def test_a_resume_with_new_flags_writes_them_to_config_json_only_with_its_first_checkpoint(tmp_path):
+    Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=3)).train()
+    before = (tmp_path / "config.json").read_bytes()
+    (tmp_path / "log.csv").write_bytes(b"\xff\xfe\x00binary")  # the resume fails in train(), before any step
+    failed = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=6, lr=5e-4), resume=True)
+    with pytest.raises(CheckpointError, match="not a text CSV log"):
+        failed.train()
+    assert (tmp_path / "config.json").read_bytes() == before  # the next resume still starts from the run's flags
+    (tmp_path / "log.csv").unlink()
+    Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=6, lr=5e-4), resume=True).train()
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 5e-4
+
+
 def test_resuming_on_changed_data_is_refused():
     from causalfusion.data import EpochSampler
 

@@ -73,6 +73,7 @@ class MMTrainer:
     resume: bool = False
     dataset: CaptionDataset | None = None
     step: int = field(init=False, default=0)
+    _new_config: dict | None = field(init=False, default=None, repr=False)  # resumed with other training flags
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -111,8 +112,8 @@ class MMTrainer:
             self.step = check_resume_step(self.out, int(state["step"]), c.steps)
             self.gen.set_state(extra["gen"])
             self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
-            if saved.get("train") != config["train"]:  # resumed with other training flags:
-                write_config(self.out, {**saved, "train": config["train"]})  # the next resume starts from these
+            if saved.get("train") != config["train"]:  # resumed with other training flags: the next resume
+                self._new_config = {**saved, "train": config["train"]}  # starts from these, once a checkpoint has them
         else:
             write_config(self.out, config)
             self.tokenizer.save(self.out)
@@ -146,6 +147,9 @@ class MMTrainer:
         return {"loss": loss.item(), "grad_norm": gnorm, **stats}
 
     def save(self) -> None:
+        if self._new_config:  # written with the first checkpoint the new flags trained
+            write_config(self.out, self._new_config)
+            self._new_config = None
         extra = {"gen": self.gen.get_state(), **self.stream.state()}
         save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, extra, {"data": self.dataset.name, "kind": KIND})
 
