@@ -231,14 +231,14 @@ def run_autoencoder(run_dir: str | Path, path: str | Path | None = None, device:
     return autoencoder_from_spec(spec, path, device=device)
 
 
-_COMPARED = ("kind", "channels", "downsample", "scale", "shift", "weights_sha256")
+LATENT_KEYS = ("kind", "channels", "downsample", "scale", "shift", "weights_sha256")  # the spec entries that decide the latents (not e.g. the path)
 
 
 def check_same_autoencoder(a: dict | None, b: dict | None, name_a: str = "cache", name_b: str = "requested") -> None:
     """Refuse (one line) when two autoencoder specs would give different latents."""
     a = a or {"kind": "identity"}
     b = b or {"kind": "identity"}
-    for key in _COMPARED:
+    for key in LATENT_KEYS:
         va, vb = a.get(key), b.get(key)
         if va is None or vb is None:  # only what both sides record is compared
             continue

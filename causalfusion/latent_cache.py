@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .autoencoders import Autoencoder, AutoencoderError, check_same_autoencoder, sample_posterior
+from .autoencoders import LATENT_KEYS, Autoencoder, AutoencoderError, check_same_autoencoder, sample_posterior
 from .data import Dataset
 from .files import atomic_path, write_json
 
@@ -61,18 +61,40 @@ def dataset_fingerprint(ds: Dataset) -> str:
     return h.hexdigest()
 
 
-def _shard_ok(path: Path, shard: int, count: int, flip: bool, posterior: bool) -> bool:
+def cache_id(index: dict) -> str:
+    """What every shard of a cache is stamped with: its settings, images and autoencoder, hashed
+    (a shard copied in from another cache is refused by it, even with the same shape)."""
+    ae = index.get("autoencoder") or {}
+    ident = {**{k: index.get(k) for k in _SAME + ("latent_shape",)},
+             "autoencoder": {k: ae[k] for k in LATENT_KEYS if ae.get(k) is not None}}  # not its path
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shard_problem(f, i: int, index: dict) -> str | None:
+    """Why the open shard ``f`` is not shard ``i`` of the cache ``index`` (None: it is)."""
+    s, meta, keys = index["shards"][i], f.metadata() or {}, set(f.keys())
+    need = {"mean", "labels"} | ({"mean_flip"} if index["flip"] else set())
+    need |= {k.replace("mean", "std") for k in need if k.startswith("mean")} if index.get("posterior") else set()
+    if meta.get("shard") != str(i) or meta.get("count") != str(s["count"]):
+        return f"it is shard {meta.get('shard')} of {meta.get('count')} images, not shard {i} of {s['count']}"
+    if "cache" in meta and meta["cache"] != cache_id(index):  # (shards written before the stamp have none)
+        return "it belongs to another cache (other images, settings or autoencoder)"
+    if not need <= keys:
+        return f"it lacks {', '.join(sorted(need - keys))}"
+    shape = [s["count"], *index["latent_shape"]]
+    if list(f.get_slice("mean").get_shape()) != shape or list(f.get_slice("labels").get_shape()) != shape[:1]:
+        return f"its latents are {list(f.get_slice('mean').get_shape())}, not {shape}"
+    return None
+
+
+def _shard_ok(path: Path, i: int, index: dict) -> bool:
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
+            return _shard_problem(f, i, index) is None
     except Exception:  # a damaged file is simply encoded again
         return False
-    need = {"mean", "labels"} | ({"mean_flip"} if flip else set())
-    need |= {k.replace("mean", "std") for k in need if k.startswith("mean")} if posterior else set()
-    return meta.get("shard") == str(shard) and meta.get("count") == str(count) and need <= keys
 
 
 def plan_shards(num_images: int, shard_size: int) -> list[dict]:
@@ -121,7 +143,7 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
             check_same_autoencoder(old.get("autoencoder"), index["autoencoder"], "cached", "requested")
         except AutoencoderError as e:
             raise CacheError(f"{out} holds a latent cache made with other settings: {e}") from None
-        intact = all(_shard_ok(out / s["file"], i, s["count"], flip, posterior) for i, s in enumerate(index["shards"]))
+        intact = all(_shard_ok(out / s["file"], i, index) for i, s in enumerate(index["shards"]))
         if old.get("complete") and intact:
             return old  # (a finished cache with a deleted or damaged shard is repaired below)
     elif rank == 0:
@@ -132,13 +154,13 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
 
     shards = index["shards"]
     mine = [i for i in range(len(shards)) if i % world == rank]
-    todo = [i for i in mine if not _shard_ok(out / shards[i]["file"], i, shards[i]["count"], flip, posterior)]
+    todo = [i for i in mine if not _shard_ok(out / shards[i]["file"], i, index)]
     done_images = sum(shards[i]["count"] for i in mine if i not in todo)
     bar = tqdm(total=sum(shards[i]["count"] for i in mine), initial=done_images, desc="caching latents",
                disable=not progress or rank != 0, unit="img", dynamic_ncols=True)
     try:
         for i in todo:
-            _encode_shard(dataset, ae, out, i, shards[i], flip, posterior, dtype, batch_size, bar)
+            _encode_shard(dataset, ae, out, i, index, dtype, batch_size, bar)
     except BaseException:  # e.g. a damaged image: a cache this call started and never filled is removed
         if fresh and not any((out / s["file"]).exists() for s in shards):
             path.unlink(missing_ok=True)
@@ -149,7 +171,7 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
     if barrier:
         barrier()
     if rank == 0:
-        missing = [s["file"] for i, s in enumerate(shards) if not _shard_ok(out / s["file"], i, s["count"], flip, posterior)]
+        missing = [s["file"] for i, s in enumerate(shards) if not _shard_ok(out / s["file"], i, index)]
         if missing:
             raise CacheError(f"{len(missing)} shards still missing in {out} (e.g. {missing[0]}); run cache-latents again")
         index["complete"] = True
@@ -159,9 +181,10 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
     return index
 
 
-def _encode_shard(dataset: Dataset, ae: Autoencoder, out: Path, i: int, s: dict, flip: bool, posterior: bool,
-                  dtype: str, batch_size: int, bar) -> None:
+def _encode_shard(dataset: Dataset, ae: Autoencoder, out: Path, i: int, index: dict, dtype: str, batch_size: int,
+                  bar) -> None:
     """Encode the images of shard ``i`` (and their flips) and write its safetensors file."""
+    s, flip, posterior = index["shards"][i], index["flip"], index["posterior"]
     parts: dict[str, list[torch.Tensor]] = {}
     for b0 in range(s["start"], s["start"] + s["count"], batch_size):
         idx = torch.arange(b0, min(b0 + batch_size, s["start"] + s["count"]))
@@ -175,7 +198,8 @@ def _encode_shard(dataset: Dataset, ae: Autoencoder, out: Path, i: int, s: dict,
     tensors = {k: torch.cat(v).to(DTYPES[dtype]).contiguous() for k, v in parts.items()}
     tensors["labels"] = dataset.labels[s["start"]:s["start"] + s["count"]].clone()
     with atomic_path(out / s["file"]) as tmp:
-        save_file(tensors, str(tmp), metadata={"shard": str(i), "count": str(s["count"]), "start": str(s["start"])})
+        save_file(tensors, str(tmp), metadata={"shard": str(i), "count": str(s["count"]), "start": str(s["start"]),
+                                                "cache": cache_id(index)})
 
 
 def _read_index(root: Path) -> dict:
@@ -199,7 +223,11 @@ class LatentDataset(Dataset):
         self.root, self.index = Path(root), index
         self._handles: dict[int, object] = {}
         labels = []
-        for i, s in enumerate(index["shards"]):
+        for i in range(len(index["shards"])):
+            problem = _shard_problem(self._handle(i), i, index)
+            if problem:
+                raise CacheError(f"latent cache shard {self.root / index['shards'][i]['file']} does not fit {INDEX}: "
+                                 f"{problem}; delete it and run cache-latents again")
             labels.append(self._handle(i).get_tensor("labels"))
         super().__init__(name=f"latents:{self.root}", num_classes=index["num_classes"], image_size=h, channels=c,
                          labels=torch.cat(labels).long(), classes=index.get("classes"), flip=bool(index["flip"]),

@@ -146,6 +146,24 @@ def test_killed_caching_run_continues_without_reencoding(world, tmp_path):
         cache_latents(ds, out, load_autoencoder("sd-vae", world / "vae_other"), shard_size=4, progress=False)
 
 
+def test_a_shard_copied_in_from_another_cache_is_refused_then_encoded_again(world, tmp_path):
+    import shutil
+
+    ds = load_dataset(f"folder:{world / 'images'}", 16)
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    shutil.copytree(world / "cache", mine)
+    cache_latents(ds, other, load_autoencoder("sd-vae", world / "vae_other"), shard_size=4, progress=False)
+    shutil.copy(other / "shard_00001.safetensors", mine / "shard_00001.safetensors")  # same shapes, other VAE
+    with pytest.raises(CacheError, match="shard_00001.safetensors does not fit index.json: it belongs to another cache"):
+        open_latent_cache(mine)
+    moved = shutil.copytree(world / "vae", tmp_path / "moved_vae")  # the same weights elsewhere: the same latents
+    again = _Counting(load_autoencoder("sd-vae", moved))
+    assert cache_latents(ds, mine, again, shard_size=4, batch_size=3, progress=False)["complete"]
+    assert again.images == 2 * 4  # only the foreign shard (4 images and their flips)
+    torch.testing.assert_close(open_latent_cache(mine).get(torch.arange(10)),
+                               open_latent_cache(world / "cache").get(torch.arange(10)))
+
+
 def test_training_from_the_cache_runs_and_resumes_exactly(world, tmp_path):
     lat = open_latent_cache(world / "cache")
     model = ModelConfig(image_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4,
