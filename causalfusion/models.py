@@ -295,7 +295,7 @@ class CausalFusion(nn.Module):
         return order
 
     # ---- one-AR-step denoiser (S = 1, In-context DiT mode) -----------------------------------
-    def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def predict_one_step(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """S=1: noisy images [B, C, H, W], timesteps [B], labels [B] -> output [B, C, H, W]
         (eps, or v when ``cfg.prediction`` is "v")."""
         t_tok = t[:, None].expand(xt.shape[0], self.cfg.num_tokens)

@@ -55,6 +55,6 @@ def sample_one_step(
     y = labels.to(device)
     for i in tqdm(range(len(diffusion) - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
         t = int(diffusion.timesteps[i])
-        eps = guided_eps(model.predict_eps, x, t, y, c.num_classes, cfg, cfg_interval)
+        eps = guided_eps(model.predict_one_step, x, t, y, c.num_classes, cfg, cfg_interval)
         x = diffusion.ddpm_step(x, i, eps.float(), per_sample_randn(gens, shape, device))
     return x

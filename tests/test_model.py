@@ -160,7 +160,7 @@ def test_order_is_respected():
 
 @pytest.mark.parametrize("patch, channels", [(1, 1), (2, 2)])
 @torch.no_grad()
-def test_single_step_forward_matches_predict_eps(patch, channels):
+def test_single_step_forward_matches_predict_one_step(patch, channels):
     model = make_tiny_model(patch_size=patch, in_channels=channels)
     cfg = model.cfg
     L = cfg.num_tokens
@@ -169,7 +169,7 @@ def test_single_step_forward_matches_predict_eps(patch, channels):
     raster = torch.empty_like(out)
     for b in range(3):
         raster[b, order[b]] = out[b]
-    eps = model.predict_eps(xt[:, 0], t[:, 0, 0], y)
+    eps = model.predict_one_step(xt[:, 0], t[:, 0, 0], y)
     assert eps.shape == xt[:, 0].shape
     assert_same(model.unpatchify(raster), eps)
     # S=1 never looks at x0
@@ -235,7 +235,7 @@ def test_zero_initialised_head_predicts_zero():
     assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
     x0, xt, t, y, order = make_inputs(model)
     assert torch.count_nonzero(model(x0, xt, t, y, [6, 10], order)) == 0
-    assert torch.count_nonzero(model.predict_eps(xt[:, 0], t[:, 0, 0], y)) == 0
+    assert torch.count_nonzero(model.predict_one_step(xt[:, 0], t[:, 0, 0], y)) == 0
     # the rest is not zero: the hidden states carry signal
     h = model.final_norm(model.run_blocks(model.embed_cond(y)))
     assert h.abs().sum() > 0

@@ -124,7 +124,9 @@ class Diffusion:
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error on the target (the noise, or v), per token, times the AR weight of the
     token (Eq. 4 with w(s,t)). pred, target: [..., L, P]; weights: [L] (or broadcastable to
-    [..., L]). Returns a scalar.
+    [..., L]). Returns a scalar: the plain mean of w * MSE, not divided by the mean weight (the
+    facts from the release name no normalisation), so the loss scale, and how often the gradient
+    clip at 1.0 acts, grow with lambda and with the share of tokens in early AR steps.
     """
     per_token = (pred.float() - target.float()).pow(2).mean(-1)
     if weights is not None:

@@ -33,7 +33,9 @@ class TextConfig:
     vocab_size: int
     max_text_len: int = 35  # T: the text slot, <bos> and <eos> included (paper: 35)
     tie_head: bool = False
-    transfusion: bool = False  # image-first captions see the noisy image tokens (Transfusion baseline)
+    # image-first captions see the noisy image tokens (the Transfusion baseline's mask); the baseline
+    # also trains images with plain diffusion: pass ARPlanConfig(**TRANSFUSION_IMAGE_PLAN) to MMTrainer
+    transfusion: bool = False
 
     def __post_init__(self) -> None:
         if self.max_text_len < 3:
