@@ -220,17 +220,6 @@ def autoencoder_from_spec(spec: dict | None, path: str | Path | None = None, dev
     return ae
 
 
-def run_autoencoder(run_dir: str | Path, path: str | Path | None = None, device: str | torch.device = "cpu") -> Autoencoder:
-    """The autoencoder recorded in a run directory's config.json (identity for pixel-space runs)."""
-    from .checkpoint import read_config
-
-    config = read_config(run_dir)
-    spec = config.get("autoencoder")
-    if spec is None:
-        spec = {"kind": "identity", "channels": config.get("model", {}).get("in_channels", 3)}
-    return autoencoder_from_spec(spec, path, device=device)
-
-
 LATENT_KEYS = ("kind", "channels", "downsample", "scale", "shift", "weights_sha256")  # the spec entries that decide the latents (not e.g. the path)
 
 

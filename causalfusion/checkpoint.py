@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .autoencoders import Autoencoder, autoencoder_from_spec
 from .files import atomic_path, write_json
 from .models import CausalFusion, ModelConfig
 
@@ -228,3 +229,12 @@ def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device
         raise CheckpointError(f"{run_dir}/config.json has no valid model config ({e})") from None
     model.trained_order = trained_order(config)
     return load_weights(run_dir, model, ema).to(device).eval()
+
+
+def run_autoencoder(run_dir: str | Path, path: str | Path | None = None, device: str | torch.device = "cpu") -> Autoencoder:
+    """The autoencoder recorded in a run directory's config.json (identity for pixel-space runs)."""
+    config = read_config(run_dir)
+    spec = config.get("autoencoder")
+    if spec is None:
+        spec = {"kind": "identity", "channels": config.get("model", {}).get("in_channels", 3)}
+    return autoencoder_from_spec(spec, path, device=device)

@@ -1,5 +1,6 @@
 """The paper's training configurations by name (Tab. 9 ablations, Tab. 10 system models).
-(``causalfusion.cli.train`` turns them, and explicit flags, into a run.)
+(``causalfusion.cli.train`` turns them, and explicit flags, into a run; ``PaperConfig.configs``
+gives the same three configs to Python.)
 
 ``--config in256-system-XL`` fills in everything the paper fixes; flags given explicitly still
 win. Numbers and where they come from:
@@ -24,10 +25,12 @@ Epochs become steps with ImageNet-1k's 1,281,167 training images (``steps_per_ep
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
+from .ar_plan import ARPlanConfig
 from .autoencoders import DEFAULTS as AE_DEFAULTS
 from .models import PRESETS, ModelConfig, count_parameters
+from .trainer import TrainConfig
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # Parameter counts the paper states (Sec. 6, Tab. 8), for comparison in `causalfusion configs`.
@@ -99,6 +102,19 @@ class PaperConfig:
                     ema_decay=self.ema_decay, ema_warmup=False, adam_eps=self.adam_eps,
                     label_dropout=self.label_dropout, precision="bf16",
                     sample_every=0, ckpt_every=5000, log_every=100)
+
+    def configs(self, data: str, out: str, num_images: int = IMAGENET_TRAIN_IMAGES, batch_size: int | None = None,
+                **train: object) -> tuple[ModelConfig, ARPlanConfig, TrainConfig]:
+        """The three configs ``causalfusion train --config NAME`` builds, for Python users: epochs
+        counted on ``num_images`` (``len(dataset)``), ``train`` overriding TrainConfig fields. The
+        data goes in latent space through ``latent_cache.training_dataset(data, self.image_size,
+        vae=self.vae, vae_path=...)``."""
+        names = {f.name for f in fields(TrainConfig)}
+        if set(train) - names:
+            raise ValueError(f"not TrainConfig fields: {', '.join(sorted(set(train) - names))}")
+        args = {k: v for k, v in self.train_args(num_images, batch_size).items() if k in names}
+        tc = TrainConfig(**{**args, "data": data, "out": out, "image_size": self.image_size, **train})
+        return self.model_config(), ARPlanConfig(gamma=self.gamma, lam=self.lam), tc
 
     def describe(self) -> str:
         return (f"{self.name}: {self.image_size}px, {self.vae} -> {self.latent_channels}x{self.latent_size}x{self.latent_size}"

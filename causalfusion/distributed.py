@@ -24,8 +24,6 @@ so the images are those of a single process; rank 0 gathers them into one uint8 
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,65 +37,13 @@ from torch.utils.checkpoint import checkpoint
 from .ar_plan import ARPlanConfig, sample_plan
 from .checkpoint import save_checkpoint_states
 from .data import Dataset
+from .devices import DistEnv, barrier, init_distributed, launched_by_torchrun
 from .images import to_uint8
 from .models import CausalFusion, ModelConfig
 from .objective import drop_labels, noised_loss
-from .trainer import Trainer, TrainConfig, adamw, apply_gradients, check_device, check_finite, set_lr
+from .trainer import Trainer, TrainConfig, adamw, apply_gradients, check_finite, set_lr
 
 STRATEGIES = ("ddp", "fsdp")
-
-
-# ---- process group -----------------------------------------------------------------------------
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def init_distributed(device: str = "cpu", force: bool = False) -> DistEnv:
-    """Join the process group ``torchrun`` set up (NCCL for CUDA, gloo for CPU).
-
-    Outside torchrun this is world size 1 without a process group, unless ``force`` (FSDP2 needs a
-    group even for one process): then a one-process gloo group on a temporary file store.
-    """
-    cuda = check_device(device).type == "cuda"
-    if dist.is_available() and dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if launched_by_torchrun():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        return DistEnv(dist.get_rank(), dist.get_world_size(), local)
-    if force:
-        store = dist.FileStore(tempfile.mktemp(prefix="causalfusion_pg_"), 1)
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=0, world_size=1)
-    return DistEnv()
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def finalize_distributed() -> None:
-    """Leave the process group (call once at the end of a command)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 # ---- model helpers -------------------------------------------------------------------------------

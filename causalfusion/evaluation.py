@@ -218,8 +218,8 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: int | list[in
     """Sample a run at each S in ``ar_steps`` and score it (see ``evaluate_model``). ``order``,
     ``block``, ``dilation``: None = the ones the run was trained with; ``vae_path`` where a latent
     run's VAE weights are now, if moved (checked by sha256); ``precision`` fp32 or bf16 sampling."""
-    from .autoencoders import IdentityAutoencoder, run_autoencoder
-    from .checkpoint import load_model, read_config
+    from .autoencoders import IdentityAutoencoder
+    from .checkpoint import load_model, read_config, run_autoencoder
     from .sampling import model_order
 
     model = load_model(ckpt, ema=not raw, device=device)
@@ -291,7 +291,8 @@ class EvalCallback:
             raise ValueError(f"--eval-ar-steps {bad[0]}: the model has {num_tokens} tokens (1..{num_tokens})")
 
     def _setup(self, trainer) -> None:
-        from .autoencoders import IdentityAutoencoder, run_autoencoder
+        from .autoencoders import IdentityAutoencoder
+        from .checkpoint import run_autoencoder
 
         data = trainer.dataset.name
         if data.startswith("latents:") and self.ref is None:

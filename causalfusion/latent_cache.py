@@ -31,8 +31,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .autoencoders import LATENT_KEYS, Autoencoder, AutoencoderError, check_same_autoencoder, sample_posterior
-from .data import Dataset
+from .autoencoders import (LATENT_KEYS, Autoencoder, AutoencoderError, autoencoder_from_spec, check_same_autoencoder,
+                           load_autoencoder, resolve_weights, sample_posterior, weights_digest)
+from .data import Dataset, load_dataset
+from .devices import barrier, finalize_distributed, init_distributed
 from .files import atomic_path, write_json
 
 FORMAT = "causalfusion-latent-cache"
@@ -299,21 +301,11 @@ class EncodedDataset(Dataset):
 
 
 def cache_dataset(data: str, out: str | Path, *, image_size: int | None = None, vae: str | None = None,
-                  vae_path: str | None = None, config: str | None = None, channels: int = 3, flip: bool = True,
+                  vae_path: str | None = None, channels: int = 3, flip: bool = True,
                   shard_size: int = 2048, batch_size: int = 64, dtype: str = "float32", device: str = "cpu",
                   progress: bool = True, posterior: bool = True) -> dict | None:
     """``causalfusion cache-latents``: load the data and the VAE, encode (shards divided among the
     ranks under torchrun). Returns the finished index on rank 0, None on the other ranks."""
-    from .autoencoders import load_autoencoder
-    from .data import load_dataset
-    from .distributed import barrier, finalize_distributed, init_distributed
-
-    if config is not None:
-        from .configs import get_config
-
-        preset = get_config(config)
-        image_size = image_size or preset.image_size
-        vae = vae or preset.vae
     if data.startswith("latents:"):
         raise CacheError("--data is already a latent cache")
     ds = load_dataset(data, image_size, channels)
@@ -332,9 +324,6 @@ def training_dataset(data: str, image_size: int | None = None, *, vae: str | Non
     or a ``latents:DIR`` cache. ``saved_autoencoder``: the spec a resumed run was started with (its
     VAE is reloaded when ``vae`` is not given). Refuses (one line) a cache or a VAE that differs
     from the one the run was started with."""
-    from .autoencoders import autoencoder_from_spec, load_autoencoder, resolve_weights, weights_digest
-    from .data import load_dataset
-
     if data.startswith("latents:"):
         ds = open_latent_cache(data[len("latents:"):], image_size=image_size)
         if vae is not None:

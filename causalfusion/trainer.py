@@ -20,6 +20,7 @@ from .ar_plan import ARPlanConfig
 from .checkpoint import (CheckpointError, check_same_config, load_training_state, read_config, save_checkpoint,
                          write_config)
 from .data import BatchStream, Dataset, load_dataset
+from .devices import check_precision
 from .diffusion import Diffusion
 from .files import write_text
 from .images import save_grid
@@ -146,29 +147,6 @@ def check_resume_step(out: Path, step: int, steps: int) -> int:
     return step
 
 
-def check_device(device: str) -> torch.device:
-    """A device this machine has: 'cpu', 'cuda' or 'cuda:N' (one clear line otherwise)."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine (this torch build or no GPU)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported; use cpu or cuda")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return dev
-
-
-def check_precision(precision: str, device: str) -> None:
-    if precision == "fp16":  # would need loss scaling, and on CPU it is ~400x slower than fp32
-        raise ValueError("fp16 is not supported; use --precision bf16 (same speed on GPUs, no loss scaling) or fp32")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16")
-    check_device(device)
-
-
 @dataclass
 class Trainer:
     model_cfg: ModelConfig
@@ -271,7 +249,8 @@ class Trainer:
     def _to_pixels(self, samples: torch.Tensor) -> torch.Tensor:
         """A latent run's samples through its VAE decoder (pixel runs: unchanged). Without the VAE
         weights on this machine the grids show the latents, with one warning."""
-        from .autoencoders import AutoencoderError, decode_in_batches, run_autoencoder
+        from .autoencoders import AutoencoderError, decode_in_batches
+        from .checkpoint import run_autoencoder
 
         if not hasattr(self, "_grid_decoder"):
             try:

@@ -161,6 +161,20 @@ def test_paper_configs_and_parameter_counts(capsys):
     assert "paper: 368.0M (+0.4%)" in capsys.readouterr().out
 
 
+def test_paper_config_gives_python_the_configs_of_train_config():
+    from causalfusion.configs import get_config
+
+    paper = get_config("in256-ablation")
+    mc, plan, tc = paper.configs("folder:/data/imagenet", "runs/abl", num_images=1000, batch_size=256, seed=3)
+    assert mc == paper.model_config() and (mc.depth, mc.hidden_size, mc.class_tokens, mc.patch_size) == (24, 1024, 4, 2)
+    assert (plan.gamma, plan.lam, plan.order) == (0.9, 2.0, "random")
+    assert (tc.data, tc.out, tc.image_size, tc.batch_size, tc.lr, tc.seed) == ("folder:/data/imagenet", "runs/abl", 256, 256, 1e-4, 3)
+    assert (tc.warmup, tc.steps) == (40 * 4, 240 * 4)  # epochs of 1000 images at batch 256
+    assert (tc.ema_decay, tc.ema_warmup, tc.adam_eps, tc.label_dropout, tc.precision) == (0.9999, False, 1e-15, 0.1, "bf16")
+    with pytest.raises(ValueError, match="not TrainConfig fields: sed"):
+        paper.configs("digits", "runs/x", sed=3)
+
+
 def test_config_flags_fill_in_and_explicit_flags_win():
     from causalfusion.cli import add_train_args, build_parser
     from causalfusion.cli.train import apply_paper_config, explicit_dests

@@ -215,6 +215,16 @@ def test_cli_train_from_cache_then_sample_decodes_to_pixels(world, tmp_path):
     assert data["arr_0"].shape == (4, 16, 16, 3) and data["labels"].tolist() == [0, 0, 1, 1]
 
 
+def test_cache_latents_config_fills_the_image_size_and_vae_it_was_not_given(world, tmp_path):
+    base = ["cache-latents", "--data", f"folder:{world / 'images'}", "--vae-path", str(world / "vae"),
+            "--config", "in256-ablation", "--no-progress", "--no-flip"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0  # Tab. 9: 256 px through the SD-VAE
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert (index["image_size"], index["autoencoder"]["kind"], index["latent_shape"]) == (256, "sd-vae", [4, 128, 128])
+    assert main([*base, "--out", str(tmp_path / "b"), "--image-size", "16"]) == 0  # explicit flags win
+    assert json.loads((tmp_path / "b" / "index.json").read_text())["latent_shape"] == [4, 8, 8]
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--data", "latents:{cache}", "--image-size", "32", "--out", "{tmp}/r"], "holds 16px images"),
     (["train", "--data", "latents:{cache}", "--vae", "sd-vae", "--vae-path", "{other}", "--out", "{tmp}/r"],

@@ -10,7 +10,7 @@ from ..files import write_json
 from .common import add_sampler_args, check_outputs, parse_classes, sample_options
 
 def cmd_edit(a: argparse.Namespace) -> None:
-    from ..autoencoders import run_autoencoder
+    from ..checkpoint import run_autoencoder
     from ..edit_masks import load_image
     from ..editing import edit, edit_accuracy, edit_figure, edit_region, format_accuracy
     from ..images import save_grid, save_npz

@@ -40,9 +40,13 @@ def cmd_configs(a: argparse.Namespace) -> None:
 
 
 def cmd_cache_latents(a: argparse.Namespace) -> None:
+    from ..configs import get_config
     from ..latent_cache import cache_dataset
 
-    index = cache_dataset(a.data, a.out, image_size=a.image_size, vae=a.vae, vae_path=a.vae_path, config=a.config,
+    image_size, vae = a.image_size, a.vae
+    if a.config:  # the paper configuration's image size and VAE, where not given
+        image_size, vae = image_size or get_config(a.config).image_size, vae or get_config(a.config).vae
+    index = cache_dataset(a.data, a.out, image_size=image_size, vae=vae, vae_path=a.vae_path,
                           channels=a.channels, flip=not a.no_flip, shard_size=a.shard_size, batch_size=a.batch_size,
                           dtype=a.dtype, device=a.device, progress=not a.no_progress, posterior=not a.means_only)
     if index is not None:

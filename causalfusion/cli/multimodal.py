@@ -21,7 +21,7 @@ from ..checkpoint import CheckpointError, read_config
 from ..diffusion import PREDICTIONS
 from ..models import PRESETS, ModelConfig
 from ..multimodal.objective import TRANSFUSION_IMAGE_PLAN, MixConfig
-from ..trainer import check_device
+from ..devices import check_device
 from .common import add_order_args, check_outputs, fill_trained_order, ints, parse_interval
 from .train import explicit_dests
 

@@ -14,8 +14,10 @@ GRID_MAX = 1024  # images in the PNG grid of `sample` (an FID run's 50k would no
 def cmd_sample(a: argparse.Namespace) -> None:
     import time
 
-    from ..autoencoders import decode_in_batches, run_autoencoder
-    from ..distributed import finalize_distributed, init_distributed, sample_in_chunks, uint8_to_images
+    from ..autoencoders import decode_in_batches
+    from ..checkpoint import run_autoencoder
+    from ..devices import finalize_distributed, init_distributed
+    from ..distributed import sample_in_chunks, uint8_to_images
     from ..generation_path import GenerationPath
     from ..images import save_grid, save_npz_uint8
     from ..sampling import resolve_groups, sample

@@ -165,7 +165,8 @@ def plan_config_from_args(a: argparse.Namespace, saved: dict | None, given: set[
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from ..distributed import ScaleConfig, finalize_distributed, make_trainer
+    from ..devices import finalize_distributed
+    from ..distributed import ScaleConfig, make_trainer
     from ..latent_cache import training_dataset
 
     if a.resume:

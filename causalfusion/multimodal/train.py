@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 from ..ar_plan import ARPlanConfig
 from ..checkpoint import (CheckpointError, check_same_config, load_training_state, load_weights, read_config,
                           read_run_config, save_checkpoint, trained_order, write_config)
+from ..devices import check_precision
 from ..diffusion import Diffusion
 from ..models import ModelConfig
-from ..trainer import (adamw, apply_gradients, check_finite, check_precision, check_resume_step, check_run_dir,
+from ..trainer import (adamw, apply_gradients, check_finite, check_resume_step, check_run_dir,
                        check_train_settings, ema_decay_at, set_lr, trim_log, warmup_lr)
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
