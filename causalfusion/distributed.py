@@ -34,13 +34,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from .ar_plan import ARPlanConfig, sample_plan
+from .ar_plan import ARPlanConfig
 from .checkpoint import save_checkpoint_states
 from .data import Dataset
 from .devices import DistEnv, barrier, init_distributed, launched_by_torchrun
 from .images import to_uint8
 from .models import CausalFusion, ModelConfig
-from .objective import drop_labels, noised_loss
+from .objective import draw_plan_and_noise, drop_labels, noised_loss
 from .trainer import Trainer, TrainConfig, adamw, apply_gradients, check_finite, set_lr
 
 STRATEGIES = ("ddp", "fsdp")
@@ -165,8 +165,7 @@ class DistributedTrainer(Trainer):
         # The global batch's randomness, drawn on every rank in the Trainer's order.
         index, flip, seeds = self.stream.next_indices()
         y = drop_labels(self.dataset.labels[index], c.label_dropout, mc.num_classes, self.gen)
-        plan = sample_plan(self.plan_cfg, gb, mc.grid, self.diffusion.num_timesteps, self.gen)
-        noise = torch.randn((gb, self.plan_cfg.t_copies, mc.num_tokens, mc.patch_dim), generator=self.gen)
+        plan, noise = draw_plan_and_noise(self.plan_cfg, gb, mc, self.diffusion.num_timesteps, self.gen)
         local, micro = gb // w, gb // (w * a)
         lo = r * local
         x_local = self.dataset.get(index[lo:lo + local], None if flip is None else flip[lo:lo + local],

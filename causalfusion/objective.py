@@ -12,7 +12,7 @@ import torch
 
 from .ar_plan import ARPlan, ARPlanConfig, sample_plan
 from .diffusion import Diffusion, denoising_loss
-from .models import CausalFusion
+from .models import CausalFusion, ModelConfig
 
 
 def drop_labels(y: torch.Tensor, p: float, null: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -33,12 +33,20 @@ def causalfusion_loss(
 ) -> tuple[torch.Tensor, ARPlan]:
     """Scalar loss for clean images x0 [B, C, H, W] and (already label-dropped) classes y [B]."""
     diffusion.check_model(model.cfg.prediction)
-    b, device = x0.shape[0], x0.device
-    plan = sample_plan(plan_cfg, b, model.cfg.grid, diffusion.num_timesteps, generator)
-    noise = torch.randn((b, plan_cfg.t_copies, model.cfg.num_tokens, model.cfg.patch_dim), generator=generator)
+    device = x0.device
+    plan, noise = draw_plan_and_noise(plan_cfg, x0.shape[0], model.cfg, diffusion.num_timesteps, generator)
     loss = noised_loss(model, diffusion, x0, y, plan.order.to(device), plan.t.to(device), noise.to(device),
                        plan.group_sizes, plan.weights.to(device))
     return loss, plan
+
+
+def draw_plan_and_noise(plan_cfg: ARPlanConfig, batch: int, model_cfg: ModelConfig, num_timesteps: int,
+                        generator: torch.Generator | None = None) -> tuple[ARPlan, torch.Tensor]:
+    """A batch's AR plan, then its noise [B, K, L, P] (raster order), from ``generator`` in this order:
+    the single-process and the distributed trainer both draw through here, so they stay one stream."""
+    plan = sample_plan(plan_cfg, batch, model_cfg.grid, num_timesteps, generator)
+    noise = torch.randn((batch, plan_cfg.t_copies, model_cfg.num_tokens, model_cfg.patch_dim), generator=generator)
+    return plan, noise
 
 
 def noised_loss(model: CausalFusion, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
