@@ -24,8 +24,13 @@ def space_timesteps(num_timesteps: int, count: int) -> list[int]:
         raise ValueError(f"number of sampling steps must be in 1..{num_timesteps}, got {count}")
     if count == 1:
         return [num_timesteps - 1]
-    stride = (num_timesteps - 1) / (count - 1)
-    return sorted({round(i * stride) for i in range(count)})
+    # ADM/DiT's respacing exactly: the stride is accumulated (not multiplied), which decides the
+    # rounding ties (with 21 steps t=499 is kept, not 500); a single step starts from the last t
+    stride, cur, kept = (num_timesteps - 1) / (count - 1), 0.0, set()
+    for _ in range(count):
+        kept.add(round(cur))
+        cur += stride
+    return sorted(kept)
 
 
 def _gather(coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
