@@ -61,15 +61,13 @@ class TrainConfig:
     def validate(self) -> None:
         """One clear line for a value no run can use (checked before anything is written)."""
         check_train_settings(self, sample_every=0, sample_steps=1, samples_per_class=1)
-        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
-            raise ValueError(f"--adam-eps must be a finite number > 0, got {self.adam_eps}")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"--label-dropout must be in [0, 1], got {self.label_dropout}")
 
 
 def check_train_settings(cfg, **more_minimums: int) -> None:
     """What every trainer's config must satisfy (TrainConfig, MMTrainConfig): step counts and
-    intervals >= 1, warmup >= 0, a finite positive lr and clip, EMA decay in [0, 1); ``more_minimums``
+    intervals >= 1, warmup >= 0, a finite positive lr, clip and Adam eps, EMA decay in [0, 1); ``more_minimums``
     adds integer fields and their lowest value. ValueError naming the flag."""
     minimums = dict(steps=1, batch_size=1, log_every=1, ckpt_every=1, warmup=0, **more_minimums)
     for name, low in minimums.items():
@@ -81,6 +79,8 @@ def check_train_settings(cfg, **more_minimums: int) -> None:
         raise ValueError(f"--grad-clip must be a finite number > 0 (the paper clips at 1.0), got {cfg.grad_clip}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not (math.isfinite(cfg.adam_eps) and cfg.adam_eps > 0):
+        raise ValueError(f"--adam-eps must be a finite number > 0, got {cfg.adam_eps}")
 
 
 # ---- pieces every trainer here shares (Trainer, DistributedTrainer, multimodal MMTrainer) ------

@@ -31,6 +31,20 @@ def _one_line_error(capsys, argv: list[str], match: str) -> None:
     assert len(err.splitlines()) == 1 and match in err, err
 
 
+def test_train_mm_takes_adam_eps(tmp_path):
+    from causalfusion.cli import build_parser
+    from causalfusion.cli.multimodal import configs_from_args
+    from causalfusion.multimodal.train import MMTrainer
+
+    def opt_eps(out, *flags):
+        a = build_parser().parse_args(["train-mm", "--data", "shapes:train:8", "--out", str(out), *TINY, *flags])
+        return MMTrainer(*configs_from_args(a)).opt.param_groups[0]["eps"]
+
+    assert opt_eps(tmp_path / "a") == 1e-8  # torch's default, as before the flag
+    assert opt_eps(tmp_path / "b", "--adam-eps", "1e-15") == 1e-15
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["adam_eps"] == 1e-15
+
+
 def test_text_to_image_defaults_to_the_training_order(run):
     from causalfusion.multimodal import text_to_image
 
@@ -187,7 +201,8 @@ def test_bad_training_inputs_write_nothing(tmp_path, capsys):
              (["--batch-size", "0"], "--batch-size must be >= 1"),
              (["--bpe-vocab", "0"], "--bpe-vocab must be >= 260"),
              (["--warmup", "-1"], "--warmup must be >= 0"),
-             (["--ema-decay", "nan"], "--ema-decay must be in [0, 1)")]
+             (["--ema-decay", "nan"], "--ema-decay must be in [0, 1)"),
+             (["--adam-eps", "0"], "--adam-eps must be a finite number > 0")]
     for i, (flags, match) in enumerate(cases):
         out = tmp_path / f"run{i}"
         _one_line_error(capsys, ["train-mm", "--data", "shapes:train:8", "--out", str(out), "--steps", "1", *TINY, *flags],

@@ -62,6 +62,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW eps (the release's class-conditional train.py: 1e-15)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -84,7 +85,7 @@ def configs_from_args(a: argparse.Namespace):
     plan = ARPlanConfig(order=a.order, **{**defaults, **given})
     mix = MixConfig(a.image_first_prob, a.text_weight)
     tc = MMTrainConfig(data=a.data, out=a.out, image_size=a.image_size, tokenizer=a.tokenizer, bpe_vocab=a.bpe_vocab,
-                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay,
+                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay, adam_eps=a.adam_eps,
                        precision=a.precision, seed=a.seed, device=a.device, ckpt_every=a.ckpt_every,
                        progress=not a.no_progress)
     return mc, text, plan, mix, tc

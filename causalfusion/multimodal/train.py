@@ -45,6 +45,7 @@ class MMTrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    adam_eps: float = 1e-8  # torch's default (the class-conditional --config uses the release's 1e-15)
     precision: str = "fp32"
     seed: int = 0
     device: str = "cpu"
@@ -99,7 +100,7 @@ class MMTrainer:
         torch.manual_seed(c.seed)
         self.model = MultimodalCausalFusion(self.model_cfg, self.text_cfg).to(c.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = adamw(self.model.parameters(), c.lr)
+        self.opt = adamw(self.model.parameters(), c.lr, c.adam_eps)
         self.diffusion = Diffusion(prediction=self.model_cfg.prediction)
         self.gen = torch.Generator().manual_seed(c.seed)
         ids, lens = self.tokenizer.batch(d.all_captions(), self.text_cfg.max_text_len)
