@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
@@ -198,10 +199,13 @@ def trained_order(config: dict) -> dict:
     return {k: plan[k] for k in ("order", "block", "dilation") if k in plan}
 
 
-def check_same_config(run_dir: str | Path, part: str, saved: dict | None, given: dict) -> None:
+def check_same_config(run_dir: str | Path, part: str, saved: dict | None, given: dict, like: type | None = None) -> None:
     """Refuse to resume ``run_dir`` with a ``part`` config (model, plan, ...) other than the one it
-    saved: one line naming every differing key as (saved, given)."""
+    saved: one line naming every differing key as (saved, given). ``like``: the config's dataclass;
+    a field the saved config lacks (written before the field existed) counts as its default."""
     saved = saved if isinstance(saved, dict) else {}
+    if like is not None:
+        saved = {**{f.name: f.default for f in fields(like) if f.default is not MISSING}, **saved}
     diff = {k: (saved.get(k), given.get(k)) for k in sorted(saved.keys() | given.keys()) if saved.get(k) != given.get(k)}
     if diff:
         raise CheckpointError(f"cannot resume {run_dir}: {part} config differs from the checkpoint's (saved, given): {diff}")

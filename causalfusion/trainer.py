@@ -194,8 +194,8 @@ class Trainer:
 
     def _restore(self) -> None:
         saved = read_config(self.out)
-        check_same_config(self.out, "model", saved.get("model"), self.model_cfg.to_dict())
-        check_same_config(self.out, "plan", saved.get("plan"), asdict(self.plan_cfg))
+        check_same_config(self.out, "model", saved.get("model"), self.model_cfg.to_dict(), ModelConfig)
+        check_same_config(self.out, "plan", saved.get("plan"), asdict(self.plan_cfg), ARPlanConfig)
         state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
         self.step = check_resume_step(self.out, int(state["step"]), self.cfg.steps)
         self.gen.set_state(extra["gen"])

@@ -326,6 +326,18 @@ def test_a_resume_with_new_flags_writes_them_to_config_json_only_with_its_first_
     assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 5e-4
 
 
+def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(tmp_path):
+    Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=3)).train()
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["model"]["prediction"], config["plan"]["weighting"]  # as written before those fields
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model config differs .*'prediction': \('eps', 'v'\)"):
+        Trainer(digits_model(prediction="v"), ARPlanConfig(), small_train(tmp_path, steps=6), resume=True)
+    resumed = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=6), resume=True)  # eps, release
+    resumed.train()
+    assert resumed.step == 6
+
+
 def test_resuming_on_changed_data_is_refused():
     from causalfusion.data import EpochSampler
 

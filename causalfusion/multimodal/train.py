@@ -127,8 +127,9 @@ class MMTrainer:
         data = ("data", "seed", "tokenizer", "bpe_vocab")
         parts = {**{k: config[k] for k in ("model", "text", "plan", "mix")}, "data": {k: config["train"][k] for k in data}}
         old = {**saved, "data": {k: saved.get("train", {}).get(k) for k in data}}
+        like = {"model": ModelConfig, "text": TextConfig, "plan": ARPlanConfig, "mix": MixConfig}
         for part, given in parts.items():
-            check_same_config(self.out, part, old.get(part), given)
+            check_same_config(self.out, part, old.get(part), given, like.get(part))
 
     def lr_at(self, step: int) -> float:
         return warmup_lr(step, self.cfg.lr, self.cfg.warmup)
