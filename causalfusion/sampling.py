@@ -217,6 +217,22 @@ class _UncachedRunner:
         self.clean_pos.append(pos)
 
 
+def guided_output(runner, xs: torch.Tensor, pos: torch.Tensor, t: int, cfg: float,
+                  interval: tuple[float, float]) -> torch.Tensor:
+    """The model's output (eps, or v) for the current group's noisy tokens xs [B, n, P] at raster
+    positions pos [B, n] and original timestep t, fp32; classifier-free guidance with the null rows
+    batched after the conditional ones, only for t in [lo, hi) (guidance is linear, so it applies to
+    eps and v alike). Outside the interval, or with cfg 1, only the conditional rows run."""
+    b = xs.shape[0]
+    guide = cfg != 1.0 and interval[0] <= t < interval[1]
+    rows = 2 * b if guide else b
+    t_in = torch.full((rows, 1), t, device=xs.device)  # one embedding per row, broadcast over tokens
+    if not guide:
+        return runner.output(xs, pos, t_in).float()
+    out_c, out_u = runner.output(torch.cat([xs, xs]), torch.cat([pos, pos]), t_in).float().chunk(2)
+    return out_u + cfg * (out_c - out_u)
+
+
 # ---- the sampler -----------------------------------------------------------------------------------
 def _noise_tokens(model: CausalFusion, gens: list[torch.Generator], order_idx: torch.Tensor) -> torch.Tensor:
     """A full-image standard normal draw per sample, as tokens in AR order [B, L, P]."""
@@ -300,14 +316,12 @@ def sample(
     gens = sample_generators(seed, indices)
     order_idx = order[..., None].expand(b, num_tokens, patch_dim)
     y = labels.to(device)
-    doubled = cfg != 1.0
-    y_all = torch.cat([y, torch.full_like(y, c.num_classes)]) if doubled else y
+    y_all = torch.cat([y, torch.full_like(y, c.num_classes)]) if cfg != 1.0 else y  # CFG: null rows last
     # bf16: the model runs under autocast (as in training); the sampler's arithmetic stays fp32
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         runner = (_CachedRunner if cache else _UncachedRunner)(model, y_all)
         schedules = {n: Diffusion(prediction=c.prediction).respace(n) for n in set(per_step)}
         x = torch.zeros(b, num_tokens, patch_dim, device=device)  # AR order; finished groups are clean
-        lo, hi = cfg_interval
         bar = tqdm(total=sum(per_step), desc="sampling", disable=not progress, leave=False)
         start = 0
         if n_known:  # the known tokens are the clean first AR step: exact copies, committed like a finished group
@@ -323,16 +337,7 @@ def sample(
             xs = _noise_tokens(model, gens, order_idx)[:, start:stop]
             bar.set_description(f"AR step {s + 1}/{len(sizes)}")
             for i in range(len(diffusion) - 1, -1, -1):
-                t = int(diffusion.timesteps[i])
-                guide = doubled and lo <= t < hi
-                rows = 2 * b if guide else b
-                t_in = torch.full((rows, 1), t, device=device)  # one embedding per row, broadcast over tokens
-                if guide:
-                    # the model's output (eps, or v): guidance is linear, so it applies to either
-                    out_c, out_u = runner.output(torch.cat([xs, xs]), torch.cat([pos, pos]), t_in).float().chunk(2)
-                    out = out_u + cfg * (out_c - out_u)
-                else:
-                    out = runner.output(xs, pos, t_in).float()
+                out = guided_output(runner, xs, pos, int(diffusion.timesteps[i]), cfg, cfg_interval)
                 if path is not None and path.wants(s, len(sizes), i, len(diffusion)):
                     x0 = diffusion.predict_x0(xs, i, out)
                     _record(path, model, x, start, stop, x0 if path.show == "x0" else xs, order, s, len(sizes), i)
