@@ -203,9 +203,11 @@ def check_same_config(run_dir: str | Path, part: str, saved: dict | None, given:
     """Refuse to resume ``run_dir`` with a ``part`` config (model, plan, ...) other than the one it
     saved: one line naming every differing key as (saved, given). ``like``: the config's dataclass;
     a field the saved config lacks (written before the field existed) counts as its default."""
-    saved = saved if isinstance(saved, dict) else {}
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"cannot resume {run_dir}: its config.json has no {part} section")
     if like is not None:
-        saved = {**{f.name: f.default for f in fields(like) if f.default is not MISSING}, **saved}
+        saved = {**{f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(like)
+                    if f.default is not MISSING or f.default_factory is not MISSING}, **saved}
     diff = {k: (saved.get(k), given.get(k)) for k in sorted(saved.keys() | given.keys()) if saved.get(k) != given.get(k)}
     if diff:
         raise CheckpointError(f"cannot resume {run_dir}: {part} config differs from the checkpoint's (saved, given): {diff}")

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 from .ar_plan import ARPlanConfig
 from .autoencoders import DEFAULTS as AE_DEFAULTS
 from .models import PRESETS, ModelConfig, count_parameters
-from .trainer import TrainConfig
+
+if TYPE_CHECKING:
+    from .trainer import TrainConfig
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # Parameter counts the paper states (Sec. 6, Tab. 8), for comparison in `causalfusion configs`.
@@ -83,9 +86,10 @@ class PaperConfig:
     def steps_per_epoch(self, num_images: int = IMAGENET_TRAIN_IMAGES) -> int:
         return math.ceil(num_images / self.batch_size)
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self, num_classes: int | None = None) -> ModelConfig:
+        """The model of this configuration (``num_classes``: the data's; default ImageNet's 1000)."""
         return ModelConfig.from_preset(self.model, image_size=self.latent_size, in_channels=self.latent_channels,
-                                       patch_size=self.patch_size, num_classes=self.num_classes,
+                                       patch_size=self.patch_size, num_classes=num_classes or self.num_classes,
                                        class_tokens=self.class_tokens, learn_pos=self.learn_pos)
 
     def train_args(self, num_images: int = IMAGENET_TRAIN_IMAGES, batch_size: int | None = None) -> dict:
@@ -104,17 +108,19 @@ class PaperConfig:
                     sample_every=0, ckpt_every=5000, log_every=100)
 
     def configs(self, data: str, out: str, num_images: int = IMAGENET_TRAIN_IMAGES, batch_size: int | None = None,
-                **train: object) -> tuple[ModelConfig, ARPlanConfig, TrainConfig]:
+                num_classes: int | None = None, **train: object) -> tuple[ModelConfig, ARPlanConfig, "TrainConfig"]:
         """The three configs ``causalfusion train --config NAME`` builds, for Python users: epochs
-        counted on ``num_images`` (``len(dataset)``), ``train`` overriding TrainConfig fields. The
-        data goes in latent space through ``latent_cache.training_dataset(data, self.image_size,
-        vae=self.vae, vae_path=...)``."""
+        counted on ``num_images`` and classes ``num_classes`` (``len(dataset)``, its ``num_classes``;
+        default ImageNet's), ``train`` overriding TrainConfig fields. The data goes in latent space
+        through ``latent_cache.training_dataset(data, self.image_size, vae=self.vae, vae_path=...)``."""
+        from .trainer import TrainConfig  # (not at import: `causalfusion configs` needs no trainer)
+
         names = {f.name for f in fields(TrainConfig)}
         if set(train) - names:
             raise ValueError(f"not TrainConfig fields: {', '.join(sorted(set(train) - names))}")
         args = {k: v for k, v in self.train_args(num_images, batch_size).items() if k in names}
         tc = TrainConfig(**{**args, "data": data, "out": out, "image_size": self.image_size, **train})
-        return self.model_config(), ARPlanConfig(gamma=self.gamma, lam=self.lam), tc
+        return self.model_config(num_classes), ARPlanConfig(gamma=self.gamma, lam=self.lam), tc
 
     def describe(self) -> str:
         return (f"{self.name}: {self.image_size}px, {self.vae} -> {self.latent_channels}x{self.latent_size}x{self.latent_size}"

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .autoencoders import (LATENT_KEYS, Autoencoder, AutoencoderError, autoencoder_from_spec, check_same_autoencoder,
                            load_autoencoder, resolve_weights, sample_posterior, weights_digest)
 from .data import Dataset, load_dataset
-from .devices import barrier, finalize_distributed, init_distributed
+from .devices import barrier as process_barrier, finalize_distributed, init_distributed
 from .files import atomic_path, write_json
 
 FORMAT = "causalfusion-latent-cache"
@@ -84,8 +84,10 @@ def _shard_problem(f, i: int, index: dict) -> str | None:
     if not need <= keys:
         return f"it lacks {', '.join(sorted(need - keys))}"
     shape = [s["count"], *index["latent_shape"]]
-    if list(f.get_slice("mean").get_shape()) != shape or list(f.get_slice("labels").get_shape()) != shape[:1]:
-        return f"its latents are {list(f.get_slice('mean').get_shape())}, not {shape}"
+    for key in sorted(need):
+        have = list(f.get_slice(key).get_shape())
+        if have != (shape[:1] if key == "labels" else shape):
+            return f"its {key} is {have}, not {shape[:1] if key == 'labels' else shape}"
     return None
 
 
@@ -313,7 +315,7 @@ def cache_dataset(data: str, out: str | Path, *, image_size: int | None = None, 
     ae = load_autoencoder(vae or "identity", vae_path, channels=ds.channels, device=device)
     index = cache_latents(ds, out, ae, flip=flip and ds.flip, shard_size=shard_size, batch_size=batch_size,
                           dtype=dtype, progress=progress, rank=env.rank, world=env.world, posterior=posterior,
-                          barrier=barrier if env.world > 1 else None)
+                          barrier=process_barrier if env.world > 1 else None)
     finalize_distributed()
     return index if env.is_main else None
 

@@ -171,6 +171,7 @@ def test_paper_config_gives_python_the_configs_of_train_config():
     assert (tc.data, tc.out, tc.image_size, tc.batch_size, tc.lr, tc.seed) == ("folder:/data/imagenet", "runs/abl", 256, 256, 1e-4, 3)
     assert (tc.warmup, tc.steps) == (40 * 4, 240 * 4)  # epochs of 1000 images at batch 256
     assert (tc.ema_decay, tc.ema_warmup, tc.adam_eps, tc.label_dropout, tc.precision) == (0.9999, False, 1e-15, 0.1, "bf16")
+    assert paper.configs("digits", "runs/x", num_classes=10)[0].num_classes == 10  # the data's classes
     with pytest.raises(ValueError, match="not TrainConfig fields: sed"):
         paper.configs("digits", "runs/x", sed=3)
 

@@ -43,6 +43,11 @@ def test_train_mm_takes_adam_eps(tmp_path):
     assert opt_eps(tmp_path / "a") == 1e-8  # torch's default, as before the flag
     assert opt_eps(tmp_path / "b", "--adam-eps", "1e-15") == 1e-15
     assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["adam_eps"] == 1e-15
+    assert main(["train-mm", "--data", "shapes:train:8", "--out", str(tmp_path / "c"), "--steps", "1", *TINY]) == 0
+    assert main(["train-mm", "--out", str(tmp_path / "c"), "--resume", "--steps", "2", "--adam-eps", "1e-15",
+                 "--no-progress"]) == 0
+    state = json.loads((tmp_path / "c" / "state.json").read_text())
+    assert state["param_groups"][0]["eps"] == 1e-15  # the resumed steps ran with it, not the saved 1e-8
 
 
 def test_text_to_image_defaults_to_the_training_order(run):

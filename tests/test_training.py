@@ -338,6 +338,31 @@ def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(tmp_
     assert resumed.step == 6
 
 
+def test_a_resume_with_another_adam_eps_trains_with_it(tmp_path):
+    Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=3)).train()
+    resumed = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path, steps=4, adam_eps=1e-15), resume=True)
+    assert resumed.opt.param_groups[0]["eps"] == 1e-15  # not the saved param_groups' 1e-8
+    resumed.train()
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["adam_eps"] == 1e-15
+
+
+def test_check_same_config_fills_defaults_of_fields_but_refuses_a_missing_section(tmp_path):
+    from dataclasses import dataclass, field
+
+    from causalfusion.checkpoint import check_same_config
+
+    @dataclass
+    class Toy:
+        a: int = 1
+        b: list = field(default_factory=lambda: [1, 2])
+
+    check_same_config(tmp_path, "toy", {}, {"a": 1, "b": [1, 2]}, Toy)  # both written before they existed
+    with pytest.raises(CheckpointError, match=r"'b': \(\[1, 2\], \[3\]\)"):
+        check_same_config(tmp_path, "toy", {"a": 1}, {"a": 1, "b": [3]}, Toy)
+    with pytest.raises(CheckpointError, match="its config.json has no toy section"):
+        check_same_config(tmp_path, "toy", None, {"a": 1, "b": [1, 2]}, Toy)
+
+
 def test_resuming_on_changed_data_is_refused():
     from causalfusion.data import EpochSampler
 

@@ -182,7 +182,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         train_kw["image_size"] = a.image_size
     tc = TrainConfig.from_dict(train_kw)
     # a resumed pixel run reads its images with the channels it was trained on (grey folder data)
-    saved_channels = saved["model"].get("in_channels") if saved and not saved.get("autoencoder") else None
+    saved_channels = (saved.get("model") or {}).get("in_channels") if saved and not saved.get("autoencoder") else None
     channels = a.channels or saved_channels or 3
     dataset = training_dataset(tc.data, tc.image_size, vae=a.vae, vae_path=a.vae_path, channels=channels,
                                saved_autoencoder=(saved or {}).get("autoencoder"), device=tc.device)
