@@ -158,10 +158,15 @@ def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.
     if bad:  # (parameters that never had a gradient have no state: fewer entries are fine)
         raise CheckpointError(f"{run_dir / 'train.safetensors'}'s optimizer state does not fit the model "
                               f"(parameter {bad[0]})")
+    # The hyperparameters (eps, betas, ...) are this run's, as it was built; only the state (moments,
+    # step counts) comes from the checkpoint, so a resume with another --adam-eps trains with it.
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # param_groups of another optimizer or model
         raise CheckpointError(f"{run_dir / 'state.json'}'s param_groups do not fit the optimizer ({e})") from None
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
     extra = {k[len("extra."):]: v for k, v in train.items() if k.startswith("extra.")}
     missing = {"gen", "perm", "pos"} - set(extra)
     if missing:

@@ -197,8 +197,6 @@ class Trainer:
         check_same_config(self.out, "model", saved.get("model"), self.model_cfg.to_dict(), ModelConfig)
         check_same_config(self.out, "plan", saved.get("plan"), asdict(self.plan_cfg), ARPlanConfig)
         state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
-        for g in self.opt.param_groups:  # the saved param_groups carry the old eps; this run's --adam-eps wins
-            g["eps"] = self.cfg.adam_eps
         self.step = check_resume_step(self.out, int(state["step"]), self.cfg.steps)
         self.gen.set_state(extra["gen"])
         self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})

@@ -111,8 +111,6 @@ class MMTrainer:
             saved = read_config(self.out)
             self._check_resume(saved, config)
             state, extra = load_training_state(self.out, self.model, self.ema, self.opt)
-            for g in self.opt.param_groups:  # the saved param_groups carry the old eps; this run's --adam-eps wins
-                g["eps"] = c.adam_eps
             self.step = check_resume_step(self.out, int(state["step"]), c.steps)
             self.gen.set_state(extra["gen"])
             self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
