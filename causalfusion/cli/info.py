@@ -45,7 +45,8 @@ def cmd_cache_latents(a: argparse.Namespace) -> None:
 
     image_size, vae = a.image_size, a.vae
     if a.config:  # the paper configuration's image size and VAE, where not given
-        image_size, vae = image_size or get_config(a.config).image_size, vae or get_config(a.config).vae
+        paper = get_config(a.config)
+        image_size, vae = image_size or paper.image_size, vae or paper.vae
     index = cache_dataset(a.data, a.out, image_size=image_size, vae=vae, vae_path=a.vae_path,
                           channels=a.channels, flip=not a.no_flip, shard_size=a.shard_size, batch_size=a.batch_size,
                           dtype=a.dtype, device=a.device, progress=not a.no_progress, posterior=not a.means_only)
