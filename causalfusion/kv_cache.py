@@ -5,7 +5,7 @@ changes while later steps are denoised, so its keys/values are computed once. Fo
 conditioning the cache needs no attention mask at all: the tokens being processed may see the
 whole prefix and each other, which is exactly the generalized causal rule for both the noisy
 tokens of the current step and the clean tokens of a step being appended. (Text prompts add one:
-the null rows of a CFG batch must not see the prompt, see ``multimodal.generate``.)
+the null rows of a CFG batch must not see the prompt, see ``sampling_runners.Condition``.)
 
 ``write`` puts the new keys/values in the slots right after the prefix and returns views of
 prefix + new (no ``torch.cat``): noisy tokens of the current step overwrite the same slots at

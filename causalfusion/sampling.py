@@ -14,6 +14,10 @@ S=L is token-by-token AR; any group sizes and any token order work in between.
   only the current group. ``cache=False`` is the reference: at every diffusion step it runs the
   whole sequence [condition | clean finished groups | noisy current group] under the generalized
   causal mask. Both give the same images up to float round-off.
+* The runners (``sampling_runners``) see the condition only through a ``Condition``: the embedded
+  condition tokens, whether they are causal among themselves, and which rows' image tokens may see
+  them. ``sample`` builds the class-token one (``class_condition``); ``sample_conditioned`` takes
+  any, e.g. a text prompt's (``multimodal.generate.text_to_image``).
 * Classifier-free guidance on all channels: the conditional and null-class rows form one doubled
   batch. The cache always holds both halves (the null rows need the clean prefix too); for t
   outside the CFG interval [lo, hi) only the conditional rows run.
@@ -33,9 +37,8 @@ from tqdm.auto import tqdm
 from .ar_plan import ORDERS, ARPlanConfig, equal_group_sizes, token_order
 from .diffusion import Diffusion
 from .generation_path import GenerationPath
-from .kv_cache import KVCache
-from .masks import generalized_causal_mask
 from .models import CausalFusion
+from .sampling_runners import CachedRunner, Condition, UncachedRunner
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -156,65 +159,12 @@ def resolve_order(order: str | Sequence[int] | torch.Tensor, batch: int, grid: t
     return perm.clone()
 
 
-# ---- the two ways of running the model on the current group ------------------------------------
-class _CachedRunner:
-    """Condition + finished groups live in a preallocated KV cache; each call runs only the group."""
-
-    def __init__(self, model: CausalFusion, y: torch.Tensor):
-        c = model.cfg
-        self.model, self.rows = model, y.shape[0]  # rows: B, or 2B with CFG (null rows last)
-        self.cache = KVCache(c.depth, c.num_cond + c.num_tokens)  # the longest sequence ever seen
-        model.run_blocks(model.embed_cond(y), None, self.cache)
-        self.cache.commit(c.num_cond)
-
-    def output(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        rows = tokens.shape[0]
-        cache = self.cache if rows == self.rows else self.cache.first_rows(rows)
-        h = self.model.embed_tokens(tokens, pos, t)
-        return self.model.output(self.model.run_blocks(h, None, cache))
-
-    def commit(self, tokens: torch.Tensor, pos: torch.Tensor) -> None:
-        """A finished group's clean tokens [B, n, P] join the prefix (for the null rows too)."""
-        reps = self.rows // tokens.shape[0]
-        h = self.model.embed_tokens(tokens.repeat(reps, 1, 1), pos.repeat(reps, 1))
-        self.model.run_blocks(h, None, self.cache)
-        self.cache.commit(tokens.shape[1])
-
-
-class _UncachedRunner:
-    """Reference: the whole prefix is recomputed at every diffusion step, under the causal mask."""
-
-    def __init__(self, model: CausalFusion, y: torch.Tensor):
-        self.model, self.y = model, y
-        self.clean: list[torch.Tensor] = []  # clean tokens of finished groups, AR order
-        self.clean_pos: list[torch.Tensor] = []
-        self._mask_key, self._mask = None, None
-
-    def _mask_for(self, n: int, device: torch.device) -> torch.Tensor:
-        sizes = [t.shape[1] for t in self.clean] + [n]
-        if self._mask_key != sizes:
-            c = self.model.cfg.num_cond
-            full = generalized_causal_mask(sizes, c, device=device)
-            # Drop the noisy tokens of finished groups: nothing attends to them.
-            prefix = c + sum(sizes[:-1])
-            keep = torch.cat([torch.arange(prefix), torch.arange(full.shape[0] - n, full.shape[0])]).to(device)
-            self._mask_key, self._mask = sizes, full[keep][:, keep]
-        return self._mask
-
-    def output(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        m, rows, n = self.model, tokens.shape[0], tokens.shape[1]
-        parts = [m.embed_cond(self.y[:rows])]
-        if self.clean:
-            reps = rows // self.clean[0].shape[0]  # CFG: the null rows share the clean tokens
-            clean = torch.cat(self.clean, 1).repeat(reps, 1, 1)
-            parts.append(m.embed_tokens(clean, torch.cat(self.clean_pos, 1).repeat(reps, 1)))
-        parts.append(m.embed_tokens(tokens, pos, t))
-        h = m.run_blocks(torch.cat(parts, 1), self._mask_for(n, tokens.device))
-        return m.output(h[:, -n:])
-
-    def commit(self, tokens: torch.Tensor, pos: torch.Tensor) -> None:
-        self.clean.append(tokens)
-        self.clean_pos.append(pos)
+# ---- the condition and classifier-free guidance ------------------------------------------------
+def class_condition(model: CausalFusion, labels: torch.Tensor, null_rows: bool) -> Condition:
+    """Class ids [B] (on the model's device) -> their class tokens as a ``Condition`` [B, C, D], or
+    [2B, C, D] with ``null_rows`` (CFG: the null class, last). Every row sees its class tokens."""
+    y = torch.cat([labels, torch.full_like(labels, model.cfg.num_classes)]) if null_rows else labels
+    return Condition(model.embed_cond(y))
 
 
 def guided_output(runner, xs: torch.Tensor, pos: torch.Tensor, t: int, cfg: float,
@@ -290,21 +240,59 @@ def sample(
     relative order of them), and the kept tokens come back bit-identical. With no token kept this
     is plain sampling, draw for draw.
     """
+    check_cfg(cfg, cfg_interval)
+    check_labels(labels, model.cfg.num_classes)
+    cond = class_condition(model, labels.to(next(model.parameters()).device), null_rows=cfg != 1.0)
+    return sample_conditioned(model, cond, ar_steps=ar_steps, groups=groups, order=order, steps=steps,
+                              sampler=sampler, eta=eta, cfg=cfg, cfg_interval=cfg_interval, seed=seed,
+                              first_index=first_index, cache=cache, block=block, dilation=dilation, path=path,
+                              progress=progress, precision=precision, known=known, known_tokens=known_tokens)
+
+
+@torch.no_grad()
+def sample_conditioned(
+    model: CausalFusion,
+    cond: Condition,
+    *,
+    ar_steps: int | None = None,
+    groups: Sequence[int] | None = None,
+    order: str | Sequence[int] | torch.Tensor | None = None,
+    steps: int | Sequence[int] = 250,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    cfg: float = 1.0,
+    cfg_interval: tuple[float, float] = (0, 1000),
+    seed: int = 0,
+    first_index: int = 0,
+    cache: bool = True,
+    block: int | None = None,
+    dilation: int | None = None,
+    path: GenerationPath | None = None,
+    progress: bool = False,
+    precision: str = "fp32",
+    known: torch.Tensor | None = None,
+    known_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sample`` with the condition given instead of class ids -> images [B, C, H, W]. ``cond`` has
+    B rows, or 2B when ``cfg`` != 1 (the null rows last); the options are ``sample``'s. Text-to-image
+    (``multimodal.generate``) runs the multimodal model's backbone with a text condition."""
     c = model.cfg
     check_cfg(cfg, cfg_interval)
-    check_labels(labels, c.num_classes)
+    if cfg != 1.0 and cond.rows % 2:
+        raise ValueError(f"classifier-free guidance needs 2B condition rows (null rows last), got {cond.rows}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"DDIM eta must be a finite number >= 0, got {eta}")
     if precision not in ("fp32", "bf16"):  # fp16 is refused everywhere (unusably slow on CPU, range issues)
         raise ValueError(f"sampling precision must be fp32 or bf16, got {precision!r}")
-    keep = _known_tokens(known, known_tokens, labels.shape[0], c)  # None: nothing known, plain sampling
+    b = cond.rows // 2 if cfg != 1.0 else cond.rows
+    keep = _known_tokens(known, known_tokens, b, c)  # None: nothing known, plain sampling
     n_known = 0 if keep is None else int(keep[0].sum())
     sizes = resolve_groups(c.num_tokens - n_known, ar_steps, groups) if n_known < c.num_tokens else []
     per_step = resolve_steps(steps, len(sizes)) if sizes else []
     device = next(model.parameters()).device
-    b, num_tokens, patch_dim = labels.shape[0], c.num_tokens, c.patch_dim
+    num_tokens, patch_dim = c.num_tokens, c.patch_dim
     indices = range(first_index, first_index + b)
     order, block, dilation = model_order(model, order, block, dilation)
     order = resolve_order(order, b, c.grid, order_generators(seed, indices), block, dilation).to(device)
@@ -315,11 +303,9 @@ def sample(
 
     gens = sample_generators(seed, indices)
     order_idx = order[..., None].expand(b, num_tokens, patch_dim)
-    y = labels.to(device)
-    y_all = torch.cat([y, torch.full_like(y, c.num_classes)]) if cfg != 1.0 else y  # CFG: null rows last
     # bf16: the model runs under autocast (as in training); the sampler's arithmetic stays fp32
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        runner = (_CachedRunner if cache else _UncachedRunner)(model, y_all)
+        runner = (CachedRunner if cache else UncachedRunner)(model, cond)
         schedules = {n: Diffusion(prediction=c.prediction).respace(n) for n in set(per_step)}
         x = torch.zeros(b, num_tokens, patch_dim, device=device)  # AR order; finished groups are clean
         bar = tqdm(total=sum(per_step), desc="sampling", disable=not progress, leave=False)

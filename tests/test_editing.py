@@ -123,21 +123,21 @@ def test_regenerated_region_reads_the_visible_tokens(model, images):
 def test_masked_tokens_keep_the_orders_relative_order(monkeypatch):
     """With a known prefix the other tokens are generated in the given order's relative order (a
     stable sort: at L=64 an unstable one scrambles them)."""
-    from causalfusion import sampling as sampling_mod
+    from causalfusion.sampling_runners import CachedRunner
 
     big = CausalFusion(tiny_config(image_size=16, in_channels=1, num_classes=10)).eval()  # L = 64
     keep = torch.zeros(64, dtype=torch.bool)
     keep[torch.randperm(64, generator=torch.Generator().manual_seed(0))[:20]] = True
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
     seen = []
-    real = sampling_mod._CachedRunner.output
+    real = CachedRunner.output
 
     def spy(self, tokens, pos, t):
         if not seen or seen[-1] != pos[0].tolist():
             seen.append(pos[0].tolist())
         return real(self, tokens, pos, t)
 
-    monkeypatch.setattr(sampling_mod._CachedRunner, "output", spy)
+    monkeypatch.setattr(CachedRunner, "output", spy)
     sample(big, torch.tensor([1]), steps=1, order=perm, ar_steps=44, known=torch.zeros(1, 1, 16, 16), known_tokens=keep)
     assert [p for group in seen for p in group] == [p for p in perm.tolist() if not keep[p]]
 

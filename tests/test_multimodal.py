@@ -254,6 +254,35 @@ def test_t2i_cache_matches_reference_and_cfg_zero_ignores_text(tok):
     assert not torch.allclose(u1, text_to_image(m, tok, prompts, cfg=1.0, steps=3), atol=1e-3)
 
 
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("groups", [[16], [8, 8]])
+def test_text_condition_runs_the_training_masks(tok, cache, groups):
+    """The sampler's runners build their masks from the text Condition alone: the prompt rows give
+    the text-first training forward's output (causal text, seen by every image token), the CFG null
+    rows the image-first one's (the text-free image model: no image token sees the text)."""
+    from causalfusion.multimodal.generate import text_condition
+    from causalfusion.sampling_runners import CachedRunner, UncachedRunner
+
+    m, b, L = tiny(tok), 2, 16
+    ids, _ = tok.batch(CAPS[:2], 20)
+    g = torch.Generator().manual_seed(0)
+    x0, xt = torch.randn(2, b, L, m.cfg.patch_dim, generator=g)
+    order = torch.stack([torch.randperm(L, generator=g) for _ in range(b)])
+    t = torch.full((b, L), 300)
+    with torch.no_grad():
+        want_text = m.forward_text_first(ids, x0, xt, t, groups, order)[:, -groups[-1]:]
+        want_free = m.forward_image_first(ids, x0, xt, t, groups, order)[0][:, -groups[-1]:]
+        runner = (CachedRunner if cache else UncachedRunner)(m.backbone, text_condition(m, ids, null_rows=True))
+        if len(groups) > 1:
+            runner.commit(x0[:, :groups[0]], order[:, :groups[0]])
+        xs, pos = xt[:, groups[0] % L:], order[:, groups[0] % L:]
+        both = runner.output(torch.cat([xs, xs]), torch.cat([pos, pos]), torch.full((2 * b, 1), 300))
+        alone = runner.output(xs, pos, torch.full((b, 1), 300))  # the prompt rows only (outside the CFG interval)
+    assert torch.allclose(both[:b], want_text, atol=1e-5) and torch.allclose(alone, want_text, atol=1e-5)
+    assert torch.allclose(both[b:], want_free, atol=1e-5)
+    assert not torch.allclose(want_text, want_free, atol=1e-3)  # the text matters: the check can fail
+
+
 @pytest.mark.parametrize("transfusion", [False, True])
 def test_caption_cache_matches_teacher_forced_forward(tok, transfusion):
     m = tiny(tok, transfusion)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from causalfusion import sampling
+from causalfusion import sampling, sampling_runners
 from causalfusion.ar_plan import ARPlanConfig
 from causalfusion.cli import main
 from causalfusion.diffusion import Diffusion
@@ -21,7 +21,8 @@ from causalfusion.kv_cache import KVCache
 from causalfusion.models import CausalFusion
 from causalfusion.objective import causalfusion_loss, drop_labels
 from causalfusion.one_step_sampler import sample_one_step
-from causalfusion.sampling import resolve_groups, resolve_order, sample
+from causalfusion.sampling import class_condition, resolve_groups, resolve_order, sample, sample_conditioned
+from causalfusion.sampling_runners import Condition
 from conftest import save_run, tiny_config
 
 TOL = 1e-4
@@ -99,7 +100,7 @@ def test_cache_processes_only_the_current_group_and_is_preallocated(model, monke
             ptrs.add((layer, self.keys[layer].data_ptr(), self.keys[layer].shape))
             return out
 
-    monkeypatch.setattr(sampling, "KVCache", Spy)
+    monkeypatch.setattr(sampling_runners, "KVCache", Spy)
     hook = model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
     try:
         sample(model, LABELS, ar_steps=4, steps=5, cfg=2.0)
@@ -111,6 +112,45 @@ def test_cache_processes_only_the_current_group_and_is_preallocated(model, monke
     # one buffer per layer for the whole run, sized for C + L, twice the batch for CFG
     assert len(ptrs) == model.cfg.depth
     assert {shape for _, _, shape in ptrs} == {(8, model.cfg.num_heads, c + L, model.cfg.hidden_size // model.cfg.num_heads)}
+
+
+# ---- the condition contract --------------------------------------------------------------------
+def _condition(model, causal: bool, visible, other_null: bool = False) -> Condition:
+    """LABELS' class tokens + null-class rows, as a Condition; ``other_null``: the null rows get other tokens."""
+    tokens = class_condition(model, LABELS, null_rows=True).tokens
+    if other_null:
+        tokens = torch.cat([tokens[:4], torch.randn(tokens[4:].shape, generator=torch.Generator().manual_seed(9))])
+    return Condition(tokens, causal=causal, visible=visible)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_condition_cache_matches_uncached_and_blind_rows_ignore_their_tokens(model, causal):
+    """The runners build every mask from the Condition: cached = uncached for causal condition tokens
+    and rows that may not see them; such rows' images do not depend on their condition tokens (cfg 0
+    keeps only them), while rows that see the tokens do."""
+    blind = torch.tensor([True] * 4 + [False] * 4)
+    kw = dict(groups=[3, 5, 8], steps=6, seed=3)
+    for cfg, interval in ((2.0, (0, 600)), (0.0, (0, 1000))):
+        a = sample_conditioned(model, _condition(model, causal, blind), cfg=cfg, cfg_interval=interval, **kw)
+        b = sample_conditioned(model, _condition(model, causal, blind), cfg=cfg, cfg_interval=interval, cache=False, **kw)
+        assert max_diff(a, b) <= TOL * max(1.0, float(a.abs().max()))
+    for cache in (True, False):
+        kw0 = dict(cfg=0.0, cache=cache, **kw)
+        ref = sample_conditioned(model, _condition(model, causal, blind), **kw0)
+        assert max_diff(ref, sample_conditioned(model, _condition(model, causal, blind, other_null=True), **kw0)) <= 1e-6
+        seen = sample_conditioned(model, _condition(model, causal, None), **kw0)
+        assert max_diff(seen, sample_conditioned(model, _condition(model, causal, None, other_null=True), **kw0)) > 1e-2
+
+
+def test_condition_causal_flag_and_class_path(model):
+    """``causal`` changes what the condition tokens see (so the images); ``sample`` is
+    ``sample_conditioned`` with the class condition; CFG needs an even number of rows."""
+    kw = dict(ar_steps=2, steps=4, seed=1, cfg=2.0)
+    full = sample_conditioned(model, _condition(model, False, None), **kw)
+    assert torch.equal(full, sample(model, LABELS, **kw))
+    assert max_diff(full, sample_conditioned(model, _condition(model, True, None), **kw)) > 1e-3
+    with pytest.raises(ValueError, match="2B condition rows"):
+        sample_conditioned(model, Condition(class_condition(model, LABELS[:3], null_rows=False).tokens), **kw)
 
 
 # ---- S=1 is the one-step sampler ---------------------------------------------------------------

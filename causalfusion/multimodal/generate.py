@@ -1,12 +1,11 @@
 """Text-to-image and captioning with a multimodal CausalFusion.
 
-Text-to-image reuses ``causalfusion.sampling.sample`` unchanged (any S, group sizes, order, DDPM/
-DDIM, CFG interval, KV cache or the uncached reference) through ``_TextConditioned``: an adapter
-that looks to the sampler like a class-conditional CausalFusion with one class (0 = "the prompt",
-1 = null) and T condition tokens, where the condition tokens are the prompt's text slot. The only
-thing it changes is the attention mask: the text is causal, and the null rows of a CFG batch may
-not see the text at all -- their image tokens see only image tokens, i.e. they run the text-free
-image model that the image-first sequences train, which is the paper's CFG baseline.
+Text-to-image runs the class-conditional sampler's core, ``causalfusion.sampling.sample_conditioned``
+(any S, group sizes, order, DDPM/DDIM, CFG interval, KV cache or the uncached reference), on the
+image backbone with a text ``Condition`` (``text_condition``) in place of the class tokens: the
+prompt's T text slots, causal among themselves; the null rows of a CFG batch may not see the text
+at all -- their image tokens see only image tokens, i.e. they run the text-free image model that
+the image-first sequences train, which is the paper's CFG baseline.
 
 Captioning puts the image in a KV cache (``MultimodalCausalFusion.image_prefix``) and decodes
 the caption token by token (greedy, or temperature / top-k sampling with per-image generators),
@@ -16,11 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import torch
 
-from ..sampling import check_cfg, model_order, sample, sample_generators
+from ..sampling import check_cfg, model_order, sample_conditioned, sample_generators
+from ..sampling_runners import Condition
 from .model import MultimodalCausalFusion
 from .tokenizer import TextTokenizer
 
@@ -33,51 +32,16 @@ def check_decoding(temperature: float, top_k: int) -> None:
         raise ValueError(f"top-k must be >= 1 (or 0 for all tokens), got {top_k}")
 
 
-class _TextConditioned:
-    """What ``sample`` drives (cfg, embed_cond, embed_tokens, run_blocks, output, patchify,
-    unpatchify, parameters), with the prompt ids [B, T] as the condition tokens."""
-
-    def __init__(self, model: MultimodalCausalFusion, ids: torch.Tensor):
-        c = model.cfg
-        self.model, self.ids, self.text_len = model, ids, model.text_len
-        self.cfg = SimpleNamespace(num_classes=1, num_cond=model.text_len, num_tokens=c.num_tokens, depth=c.depth,
-                                   grid=c.grid, in_channels=c.in_channels, image_size=c.image_size,
-                                   patch_dim=c.patch_dim, prediction=c.prediction)
-        self.sees_text: torch.Tensor | None = None  # [rows] bool, False for the null (text-free) rows
-        bb = model.backbone
-        self.embed_tokens, self.output, self.patchify, self.unpatchify = (
-            bb.embed_tokens, bb.output, bb.patchify, bb.unpatchify)
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def embed_cond(self, y: torch.Tensor) -> torch.Tensor:
-        """y [rows]: 0 for the prompt rows, 1 for the null rows (which get the same ids, unseen)."""
-        self.sees_text = y == 0
-        ids = self.ids.repeat(y.shape[0] // self.ids.shape[0], 1)
-        return self.model.embed_text(ids)
-
-    def run_blocks(self, h: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        rows, n, tl = h.shape[0], h.shape[1], self.text_len
-        sees = self.sees_text[:rows].to(h.device)  # rows < all: the conditional half (listed first)
-        causal = torch.ones(tl, tl, dtype=torch.bool, device=h.device).tril()
-        # An empty cache means this is sampling's first call (``_CachedRunner.__init__``): the
-        # prompt itself goes into the cache, causal among its own tokens.
-        if cache is not None and getattr(cache, "length", 1) == 0:
-            m = causal
-        elif cache is not None and bool(sees.all()):  # cached, no null rows: everything visible
-            m = None
-        else:
-            if cache is not None:  # image tokens after a cached prefix [text | finished groups]
-                m = torch.ones(rows, 1, n, cache.length + n, dtype=torch.bool, device=h.device)
-                text_q = slice(0, n)
-            else:  # uncached reference: the full [text | clean | noisy] mask from the sampler
-                m = mask.clone()
-                m[:tl, :tl] = causal
-                m = m.expand(rows, 1, n, n).clone()
-                text_q = slice(tl, n)  # the text rows stay causal: never an all-False row (SDPA gives NaN)
-            m[~sees, :, text_q, :tl] = False
-        return self.model.backbone.run_blocks(h, m, cache)
+def text_condition(model: MultimodalCausalFusion, ids: torch.Tensor, null_rows: bool) -> Condition:
+    """Prompt ids [B, T] -> the sampler's condition: the T text slots, causal among themselves as in
+    training, seen by the image tokens; with ``null_rows`` (CFG) B more rows, last, whose image
+    tokens may not see the text at all -- they run the text-free image model that the image-first
+    sequences train, the paper's CFG baseline. (The null rows carry the same ids only so that every
+    row has T condition tokens.)"""
+    b = ids.shape[0]
+    reps = 2 if null_rows else 1
+    visible = torch.arange(reps * b, device=ids.device) < b
+    return Condition(model.embed_text(ids.repeat(reps, 1)), causal=True, visible=visible)
 
 
 @torch.no_grad()
@@ -95,13 +59,11 @@ def text_to_image(model: MultimodalCausalFusion, tokenizer: TextTokenizer, promp
     check_cfg(cfg, cfg_interval)
     device = next(model.parameters()).device
     ids = torch.stack([tokenizer.prompt(p, model.text_len) for p in prompts]).to(device)
-    view = _TextConditioned(model, ids)
-    order, block, dilation = model_order(model, order, block, dilation)  # the view does not carry them
-    labels = torch.zeros(len(prompts), dtype=torch.long)
-    return sample(view, labels, ar_steps=ar_steps, groups=groups, order=order, block=block, dilation=dilation,
-                  steps=steps, sampler=sampler,
-                  eta=eta, cfg=cfg, cfg_interval=cfg_interval, seed=seed, first_index=first_index, cache=cache,
-                  progress=progress)
+    order, block, dilation = model_order(model, order, block, dilation)  # the backbone does not carry them
+    return sample_conditioned(model.backbone, text_condition(model, ids, null_rows=cfg != 1.0), ar_steps=ar_steps,
+                              groups=groups, order=order, block=block, dilation=dilation, steps=steps,
+                              sampler=sampler, eta=eta, cfg=cfg, cfg_interval=cfg_interval, seed=seed,
+                              first_index=first_index, cache=cache, progress=progress)
 
 
 def check_images(model: MultimodalCausalFusion, images: torch.Tensor) -> None:
