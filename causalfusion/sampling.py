@@ -16,8 +16,8 @@ S=L is token-by-token AR; any group sizes and any token order work in between.
   causal mask. Both give the same images up to float round-off.
 * The runners (``sampling_runners``) see the condition only through a ``Condition``: the embedded
   condition tokens, whether they are causal among themselves, and which rows' image tokens may see
-  them. ``sample`` builds the class-token one (``class_condition``); ``sample_conditioned`` takes
-  any, e.g. a text prompt's (``multimodal.generate.text_to_image``).
+  them. ``sample`` builds the class-token one (``class_condition``) from class ids, or takes any
+  ``Condition`` in their place, e.g. a text prompt's (``multimodal.generate.text_to_image``).
 * Classifier-free guidance on all channels: the conditional and null-class rows form one doubled
   batch. The cache always holds both halves (the null rows need the clean prefix too); for t
   outside the CFG interval [lo, hi) only the conditional rows run.
@@ -200,7 +200,7 @@ def tokens_to_images(model: CausalFusion, tokens: torch.Tensor, order: torch.Ten
 @torch.no_grad()
 def sample(
     model: CausalFusion,
-    labels: torch.Tensor,
+    labels: torch.Tensor | Condition,
     *,
     ar_steps: int | None = None,
     groups: Sequence[int] | None = None,
@@ -222,6 +222,8 @@ def sample(
     known_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token(s) diffusion. labels [B] (``num_classes`` = unconditional) -> images [B, C, H, W].
+    ``labels`` may also be a ``Condition`` (any condition tokens, e.g. a text prompt's,
+    ``multimodal.generate``): B rows, or 2B when ``cfg`` != 1 (the null rows last).
 
     ``ar_steps`` S (equal groups, default 1) or explicit ``groups`` |k_1|..|k_S| (sum L); ``order``
     a name of ``ORDERS`` or a permutation (None, and ``block``/``dilation`` None: the model's training
@@ -240,46 +242,15 @@ def sample(
     relative order of them), and the kept tokens come back bit-identical. With no token kept this
     is plain sampling, draw for draw.
     """
-    check_cfg(cfg, cfg_interval)
-    check_labels(labels, model.cfg.num_classes)
-    cond = class_condition(model, labels.to(next(model.parameters()).device), null_rows=cfg != 1.0)
-    return sample_conditioned(model, cond, ar_steps=ar_steps, groups=groups, order=order, steps=steps,
-                              sampler=sampler, eta=eta, cfg=cfg, cfg_interval=cfg_interval, seed=seed,
-                              first_index=first_index, cache=cache, block=block, dilation=dilation, path=path,
-                              progress=progress, precision=precision, known=known, known_tokens=known_tokens)
-
-
-@torch.no_grad()
-def sample_conditioned(
-    model: CausalFusion,
-    cond: Condition,
-    *,
-    ar_steps: int | None = None,
-    groups: Sequence[int] | None = None,
-    order: str | Sequence[int] | torch.Tensor | None = None,
-    steps: int | Sequence[int] = 250,
-    sampler: str = "ddpm",
-    eta: float = 0.0,
-    cfg: float = 1.0,
-    cfg_interval: tuple[float, float] = (0, 1000),
-    seed: int = 0,
-    first_index: int = 0,
-    cache: bool = True,
-    block: int | None = None,
-    dilation: int | None = None,
-    path: GenerationPath | None = None,
-    progress: bool = False,
-    precision: str = "fp32",
-    known: torch.Tensor | None = None,
-    known_tokens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``sample`` with the condition given instead of class ids -> images [B, C, H, W]. ``cond`` has
-    B rows, or 2B when ``cfg`` != 1 (the null rows last); the options are ``sample``'s. Text-to-image
-    (``multimodal.generate``) runs the multimodal model's backbone with a text condition."""
     c = model.cfg
     check_cfg(cfg, cfg_interval)
-    if cfg != 1.0 and cond.rows % 2:
-        raise ValueError(f"classifier-free guidance needs 2B condition rows (null rows last), got {cond.rows}")
+    if isinstance(labels, Condition):
+        cond = labels
+        if cfg != 1.0 and cond.rows % 2:
+            raise ValueError(f"classifier-free guidance needs 2B condition rows (null rows last), got {cond.rows}")
+    else:
+        check_labels(labels, c.num_classes)
+        cond = class_condition(model, labels.to(next(model.parameters()).device), null_rows=cfg != 1.0)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not (math.isfinite(eta) and eta >= 0):

@@ -21,7 +21,7 @@ from causalfusion.kv_cache import KVCache
 from causalfusion.models import CausalFusion
 from causalfusion.objective import causalfusion_loss, drop_labels
 from causalfusion.one_step_sampler import sample_one_step
-from causalfusion.sampling import class_condition, resolve_groups, resolve_order, sample, sample_conditioned
+from causalfusion.sampling import class_condition, resolve_groups, resolve_order, sample
 from causalfusion.sampling_runners import Condition
 from conftest import save_run, tiny_config
 
@@ -131,26 +131,26 @@ def test_condition_cache_matches_uncached_and_blind_rows_ignore_their_tokens(mod
     blind = torch.tensor([True] * 4 + [False] * 4)
     kw = dict(groups=[3, 5, 8], steps=6, seed=3)
     for cfg, interval in ((2.0, (0, 600)), (0.0, (0, 1000))):
-        a = sample_conditioned(model, _condition(model, causal, blind), cfg=cfg, cfg_interval=interval, **kw)
-        b = sample_conditioned(model, _condition(model, causal, blind), cfg=cfg, cfg_interval=interval, cache=False, **kw)
+        a = sample(model, _condition(model, causal, blind), cfg=cfg, cfg_interval=interval, **kw)
+        b = sample(model, _condition(model, causal, blind), cfg=cfg, cfg_interval=interval, cache=False, **kw)
         assert max_diff(a, b) <= TOL * max(1.0, float(a.abs().max()))
     for cache in (True, False):
         kw0 = dict(cfg=0.0, cache=cache, **kw)
-        ref = sample_conditioned(model, _condition(model, causal, blind), **kw0)
-        assert max_diff(ref, sample_conditioned(model, _condition(model, causal, blind, other_null=True), **kw0)) <= 1e-6
-        seen = sample_conditioned(model, _condition(model, causal, None), **kw0)
-        assert max_diff(seen, sample_conditioned(model, _condition(model, causal, None, other_null=True), **kw0)) > 1e-2
+        ref = sample(model, _condition(model, causal, blind), **kw0)
+        assert max_diff(ref, sample(model, _condition(model, causal, blind, other_null=True), **kw0)) <= 1e-6
+        seen = sample(model, _condition(model, causal, None), **kw0)
+        assert max_diff(seen, sample(model, _condition(model, causal, None, other_null=True), **kw0)) > 1e-2
 
 
 def test_condition_causal_flag_and_class_path(model):
-    """``causal`` changes what the condition tokens see (so the images); ``sample`` is
-    ``sample_conditioned`` with the class condition; CFG needs an even number of rows."""
+    """``causal`` changes what the condition tokens see (so the images); ``sample`` with
+    class ids is ``sample`` with their class condition; CFG needs an even number of rows."""
     kw = dict(ar_steps=2, steps=4, seed=1, cfg=2.0)
-    full = sample_conditioned(model, _condition(model, False, None), **kw)
+    full = sample(model, _condition(model, False, None), **kw)
     assert torch.equal(full, sample(model, LABELS, **kw))
-    assert max_diff(full, sample_conditioned(model, _condition(model, True, None), **kw)) > 1e-3
+    assert max_diff(full, sample(model, _condition(model, True, None), **kw)) > 1e-3
     with pytest.raises(ValueError, match="2B condition rows"):
-        sample_conditioned(model, Condition(class_condition(model, LABELS[:3], null_rows=False).tokens), **kw)
+        sample(model, Condition(class_condition(model, LABELS[:3], null_rows=False).tokens), **kw)
 
 
 # ---- S=1 is the one-step sampler ---------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Text-to-image and captioning with a multimodal CausalFusion.
 
-Text-to-image runs the class-conditional sampler's core, ``causalfusion.sampling.sample_conditioned``
+Text-to-image runs the class-conditional sampler, ``causalfusion.sampling.sample``
 (any S, group sizes, order, DDPM/DDIM, CFG interval, KV cache or the uncached reference), on the
 image backbone with a text ``Condition`` (``text_condition``) in place of the class tokens: the
 prompt's T text slots, causal among themselves; the null rows of a CFG batch may not see the text
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..sampling import check_cfg, model_order, sample_conditioned, sample_generators
+from ..sampling import check_cfg, model_order, sample, sample_generators
 from ..sampling_runners import Condition
 from .model import MultimodalCausalFusion
 from .tokenizer import TextTokenizer
@@ -60,10 +60,10 @@ def text_to_image(model: MultimodalCausalFusion, tokenizer: TextTokenizer, promp
     device = next(model.parameters()).device
     ids = torch.stack([tokenizer.prompt(p, model.text_len) for p in prompts]).to(device)
     order, block, dilation = model_order(model, order, block, dilation)  # the backbone does not carry them
-    return sample_conditioned(model.backbone, text_condition(model, ids, null_rows=cfg != 1.0), ar_steps=ar_steps,
-                              groups=groups, order=order, block=block, dilation=dilation, steps=steps,
-                              sampler=sampler, eta=eta, cfg=cfg, cfg_interval=cfg_interval, seed=seed,
-                              first_index=first_index, cache=cache, progress=progress)
+    return sample(model.backbone, text_condition(model, ids, null_rows=cfg != 1.0), ar_steps=ar_steps,
+                  groups=groups, order=order, block=block, dilation=dilation, steps=steps, sampler=sampler,
+                  eta=eta, cfg=cfg, cfg_interval=cfg_interval, seed=seed, first_index=first_index, cache=cache,
+                  progress=progress)
 
 
 def check_images(model: MultimodalCausalFusion, images: torch.Tensor) -> None:
