@@ -214,7 +214,8 @@ class DistributedTrainer(Trainer):
     def save(self) -> None:
         model, ema, opt = self._full_states()
         if self.is_main:
-            self._write_new_config()
+            if self._new_config:
+                self._new_config.write()
             extra = {"gen": self.gen.get_state(), **self.stream.state()}
             save_checkpoint_states(self.out, self.step, model, ema, opt, extra, {"data": self.dataset.name})
         barrier()

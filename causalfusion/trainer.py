@@ -140,6 +140,22 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise CheckpointError(f"nothing to resume: {out}/state.json not found")
 
 
+class PendingConfig:
+    """config.json of a run resumed with other training settings: ``saved`` (its config.json) with the
+    ``train`` section given. Written with the first checkpoint those settings trained (``write``), so
+    that the next resume starts from them and a resume that fails before leaves config.json as it was."""
+
+    def __init__(self, run_dir: str | Path, saved: dict, train: dict) -> None:
+        self.run_dir = run_dir
+        self.config = None if saved.get("train") == train else {**saved, "train": train}  # None: nothing changed
+
+    def write(self) -> None:
+        """Before a checkpoint is saved; only the first time."""
+        if self.config is not None:
+            write_config(self.run_dir, self.config)
+            self.config = None
+
+
 def check_resume_step(out: Path, step: int, steps: int) -> int:
     """The checkpoint's step, refused when --steps asks for an earlier one (training cannot go back)."""
     if steps < step:
@@ -155,7 +171,7 @@ class Trainer:
     resume: bool = False
     dataset: Dataset | None = None
     step: int = field(init=False, default=0)
-    _new_config: dict | None = field(init=False, default=None, repr=False)  # resumed with other training flags
+    _new_config: PendingConfig | None = field(init=False, default=None, repr=False)  # set on resume
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -200,8 +216,7 @@ class Trainer:
         self.step = check_resume_step(self.out, int(state["step"]), self.cfg.steps)
         self.gen.set_state(extra["gen"])
         self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
-        if saved.get("train") != asdict(self.cfg):  # resumed with other training flags: the next resume
-            self._new_config = {**saved, "train": asdict(self.cfg)}  # starts from these, once a checkpoint has them
+        self._new_config = PendingConfig(self.out, saved, asdict(self.cfg))
 
     def lr_at(self, step: int) -> float:
         return warmup_lr(step, self.cfg.lr, self.cfg.warmup)
@@ -225,15 +240,9 @@ class Trainer:
         self.step += 1
         return {"loss": loss.item(), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1), "ar_steps": plan.num_steps}
 
-    def _write_new_config(self) -> None:
-        """A resume's changed training flags go into config.json with the first checkpoint they trained
-        (a resume that fails before it leaves config.json as it was)."""
-        if self._new_config and self.is_main:
-            write_config(self.out, self._new_config)
-            self._new_config = None
-
     def save(self) -> None:
-        self._write_new_config()
+        if self._new_config and self.is_main:
+            self._new_config.write()
         extra = {"gen": self.gen.get_state(), **self.stream.state()}
         save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, extra, {"data": self.dataset.name})
 

@@ -22,7 +22,7 @@ from ..checkpoint import (CheckpointError, check_same_config, load_training_stat
 from ..devices import check_precision
 from ..diffusion import Diffusion
 from ..models import ModelConfig
-from ..trainer import (adamw, apply_gradients, check_finite, check_resume_step, check_run_dir,
+from ..trainer import (PendingConfig, adamw, apply_gradients, check_finite, check_resume_step, check_run_dir,
                        check_train_settings, ema_decay_at, set_lr, trim_log, warmup_lr)
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
@@ -75,7 +75,7 @@ class MMTrainer:
     resume: bool = False
     dataset: CaptionDataset | None = None
     step: int = field(init=False, default=0)
-    _new_config: dict | None = field(init=False, default=None, repr=False)  # resumed with other training flags
+    _new_config: PendingConfig | None = field(init=False, default=None, repr=False)  # set on resume
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -114,8 +114,7 @@ class MMTrainer:
             self.step = check_resume_step(self.out, int(state["step"]), c.steps)
             self.gen.set_state(extra["gen"])
             self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
-            if saved.get("train") != config["train"]:  # resumed with other training flags: the next resume
-                self._new_config = {**saved, "train": config["train"]}  # starts from these, once a checkpoint has them
+            self._new_config = PendingConfig(self.out, saved, config["train"])
         else:
             write_config(self.out, config)
             self.tokenizer.save(self.out)
@@ -150,9 +149,8 @@ class MMTrainer:
         return {"loss": loss.item(), "grad_norm": gnorm, **stats}
 
     def save(self) -> None:
-        if self._new_config:  # written with the first checkpoint the new flags trained
-            write_config(self.out, self._new_config)
-            self._new_config = None
+        if self._new_config:
+            self._new_config.write()
         extra = {"gen": self.gen.get_state(), **self.stream.state()}
         save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, extra, {"data": self.dataset.name, "kind": KIND})
 
