@@ -1,6 +1,6 @@
 """The paper's training configurations by name (Tab. 9 ablations, Tab. 10 system models).
-(``causalfusion.cli.train`` turns them, and explicit flags, into a run; ``PaperConfig.configs``
-gives the same three configs to Python.)
+(``run_config.train_configs(out, config=NAME, ...)`` turns them, and the settings given, into a
+run, as ``causalfusion train --config NAME`` does; ``PaperConfig.configs`` gives the same three configs.)
 
 ``--config in256-system-XL`` fills in everything the paper fixes; flags given explicitly still
 win. Numbers and where they come from:

@@ -177,13 +177,14 @@ def test_paper_config_gives_python_the_configs_of_train_config():
 
 
 def test_config_flags_fill_in_and_explicit_flags_win():
-    from causalfusion.cli import add_train_args, build_parser
-    from causalfusion.cli.train import apply_paper_config, explicit_dests
+    from types import SimpleNamespace
 
-    def resolve(*argv):
-        a = build_parser().parse_args(["train", *argv])
-        apply_paper_config(a, explicit_dests(["train", *argv], add_train_args))
-        return a
+    from causalfusion.cli import add_train_args
+    from causalfusion.cli.train import given_flags
+    from causalfusion.run_config import with_paper_config
+
+    def resolve(*argv):  # the flags given, with --config's values filled in
+        return SimpleNamespace(**with_paper_config(given_flags(["train", *argv], add_train_args)))
 
     a = resolve("--config", "in256-system-XL")
     assert (a.image_size, a.vae, a.patch_size, a.preset, a.class_tokens, a.learn_pos) == (256, "kl16", 1, "XL", 64, True)

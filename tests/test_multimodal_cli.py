@@ -16,6 +16,7 @@ from causalfusion.multimodal import load_multimodal, make_shapes
 
 TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--max-text-len", "24", "--batch-size", "8",
         "--no-progress", "--precision", "bf16"]
+TINY_SETTINGS = dict(depth=1, hidden_size=32, num_heads=2, max_text_len=24, batch_size=8, progress=False, precision="bf16")
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +33,15 @@ def _one_line_error(capsys, argv: list[str], match: str) -> None:
 
 
 def test_train_mm_takes_adam_eps(tmp_path):
-    from causalfusion.cli import build_parser
-    from causalfusion.cli.multimodal import configs_from_args
+    from causalfusion.multimodal.run_config import train_mm_configs
     from causalfusion.multimodal.train import MMTrainer
 
-    def opt_eps(out, *flags):
-        a = build_parser().parse_args(["train-mm", "--data", "shapes:train:8", "--out", str(out), *TINY, *flags])
-        return MMTrainer(*configs_from_args(a)).opt.param_groups[0]["eps"]
+    def opt_eps(out, **settings):
+        trainer = MMTrainer(*train_mm_configs(out, data="shapes:train:8", **TINY_SETTINGS, **settings))
+        return trainer.opt.param_groups[0]["eps"]
 
     assert opt_eps(tmp_path / "a") == 1e-8  # torch's default, as before the flag
-    assert opt_eps(tmp_path / "b", "--adam-eps", "1e-15") == 1e-15
+    assert opt_eps(tmp_path / "b", adam_eps=1e-15) == 1e-15
     assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["adam_eps"] == 1e-15
     assert main(["train-mm", "--data", "shapes:train:8", "--out", str(tmp_path / "c"), "--steps", "1", *TINY]) == 0
     assert main(["train-mm", "--out", str(tmp_path / "c"), "--resume", "--steps", "2", "--adam-eps", "1e-15",
@@ -136,16 +136,15 @@ def test_transfusion_trains_images_with_plain_diffusion(run, tmp_path, capsys):
 
     from causalfusion.ar_plan import sample_plan
     from causalfusion.checkpoint import CheckpointError
-    from causalfusion.cli import build_parser
-    from causalfusion.cli.multimodal import configs_from_args
     from causalfusion.multimodal.ablation import RUNS, MMSuiteSettings, _train, run_plan, run_signature
+    from causalfusion.multimodal.run_config import train_mm_configs
 
-    def plan_of(*flags):
-        return configs_from_args(build_parser().parse_args(["train-mm", *flags]))[2]
+    def plan_of(**settings):
+        return train_mm_configs(str(tmp_path / "new"), **settings)[2]
 
-    assert (plan_of("--transfusion").gamma, plan_of("--transfusion").lam) == (0.0, 1.0)
+    assert (plan_of(transfusion=True).gamma, plan_of(transfusion=True).lam) == (0.0, 1.0)
     assert (plan_of().gamma, plan_of().lam) == (0.9, 2.0)
-    assert plan_of("--transfusion", "--gamma", "0.9").gamma == 0.9  # an explicit flag wins
+    assert plan_of(transfusion=True, gamma=0.9).gamma == 0.9  # a given setting wins
     st = MMSuiteSettings()
     g = torch.Generator().manual_seed(0)
     tf = run_plan(st, RUNS["Transfusion"][1])
@@ -265,13 +264,11 @@ def test_resume_is_bit_identical(tmp_path):
 def test_resume_keeps_the_saved_config_and_takes_given_training_flags(tmp_path, capsys):
     """train-mm --resume: explicit training flags win, explicit model flags that differ are refused
     (they were silently ignored), and --steps left out is the run's target (was the flag's 2000)."""
-    from causalfusion.cli import build_parser
-    from causalfusion.cli.multimodal import configs_from_args
+    from causalfusion.multimodal.run_config import train_mm_configs
     from causalfusion.multimodal.train import MMTrainer
 
     out = tmp_path / "run"
-    args = ["train-mm", "--out", str(out), "--data", "shapes:train:32", "--steps", "3", "--lr", "1e-3", "--warmup", "1", *TINY]
-    tr = MMTrainer(*configs_from_args(build_parser().parse_args(args)))
+    tr = MMTrainer(*train_mm_configs(str(out), data="shapes:train:32", steps=3, lr=1e-3, warmup=1, **TINY_SETTINGS))
     tr.train_step()
     tr.save()  # a run stopped at step 1 of 3
     config = (out / "config.json").read_text()

@@ -61,14 +61,14 @@ def _ablate_multimodal(a: argparse.Namespace, command: str) -> None:
     from pathlib import Path
 
     from ..multimodal.ablation import RUNS, MMSuiteSettings, run_suite, seconds_per_step
-    from .train import explicit_dests
+    from .train import given_flags
 
     if a.data not in ("digits", "shapes"):  # "digits" is the shared default flag value
         raise ValueError(f"the multimodal suite trains on the built-in captioned 'shapes' data, not {a.data!r}")
     st = MMSuiteSettings(precision=a.precision, depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads,
                          seed=a.seed, eval_steps=a.eval_steps, progress=a.progress)
     # --batch-size/--lr/--eval-n default to the class-conditional suites' 64, 5e-4 and 500: left out, this suite's own
-    for k in explicit_dests(getattr(a, "argv", []), _suite_default_flags):
+    for k in given_flags(getattr(a, "argv", []), _suite_default_flags):
         setattr(st, k, getattr(a, k))
     if a.prediction is not None:
         st.prediction = a.prediction

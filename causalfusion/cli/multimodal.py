@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..ar_plan import ORDERS, ARPlanConfig
-from ..checkpoint import CheckpointError, read_config
+from ..ar_plan import ORDERS
 from ..diffusion import PREDICTIONS
-from ..models import PRESETS, ModelConfig
-from ..multimodal.objective import TRANSFUSION_IMAGE_PLAN, MixConfig
+from ..models import PRESETS
 from ..devices import check_device
 from .common import add_order_args, check_outputs, fill_trained_order, ints, parse_interval
-from .train import explicit_dests
-
-# The shapes defaults: 16 px RGB, 4x4 patches -> 16 image tokens.
-MM_MODEL = dict(image_size=16, in_channels=3, patch_size=4, num_classes=0, class_tokens=1)
+from .train import given_flags
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -71,77 +64,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
 
 
-def configs_from_args(a: argparse.Namespace):
-    """-> (ModelConfig, text overrides, ARPlanConfig, MixConfig, MMTrainConfig)."""
-    from ..multimodal.train import MMTrainConfig
-
-    size = {k: v for k, v in dict(depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads).items() if v}
-    mc = ModelConfig.from_preset(a.preset, **{**MM_MODEL, "patch_size": a.patch_size, "image_size": a.image_size,
-                                               "prediction": a.prediction, **size})
-    text = dict(max_text_len=a.max_text_len, tie_head=a.tie_head, transfusion=a.transfusion)
-    # Transfusion trains images with the standard diffusion loss; explicit --gamma/--lam win
-    defaults = TRANSFUSION_IMAGE_PLAN if a.transfusion else {"gamma": ARPlanConfig.gamma, "lam": ARPlanConfig.lam}
-    given = {k: v for k, v in dict(gamma=a.gamma, lam=a.lam).items() if v is not None}
-    plan = ARPlanConfig(order=a.order, **{**defaults, **given})
-    mix = MixConfig(a.image_first_prob, a.text_weight)
-    tc = MMTrainConfig(data=a.data, out=a.out, image_size=a.image_size, tokenizer=a.tokenizer, bpe_vocab=a.bpe_vocab,
-                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema_decay, adam_eps=a.adam_eps,
-                       precision=a.precision, seed=a.seed, device=a.device, ckpt_every=a.ckpt_every,
-                       progress=not a.no_progress)
-    return mc, text, plan, mix, tc
-
-
-# train-mm flags (argparse dests = field names) by the config.json section they set
-RESUME_FLAGS = {"model": ("patch_size", "image_size", "prediction", "depth", "hidden_size", "num_heads"),
-                "text": ("max_text_len", "tie_head", "transfusion"), "plan": ("gamma", "lam", "order"),
-                "mix": ("image_first_prob", "text_weight")}
-
-
-def _configs(s: dict) -> tuple:
-    """configs_from_args' tuple from config.json-like sections."""
-    from ..multimodal.train import MMTrainConfig
-
-    return (ModelConfig.from_dict(s["model"]), s["text"], ARPlanConfig(**s["plan"]), MixConfig(**s["mix"]),
-            MMTrainConfig.from_dict(s["train"]))
-
-
-def saved_configs(a: argparse.Namespace, given: set[str]) -> tuple:
-    """configs_from_args' tuple for --resume: the run's config.json, with the flags named in ``given``
-    on top, as ``causalfusion train --resume`` does. Given training flags (--lr, --steps, ...) win
-    (--steps left out: the saved target); given model/text/plan/mix/data flags that differ from the
-    saved ones are refused by ``MMTrainer``. A missing or malformed section is one CheckpointError."""
-    from ..multimodal.train import MMTrainConfig
-
-    path = Path(a.out) / "config.json"
-    saved = read_config(a.out)
-    if saved.get("kind") != "multimodal":
-        raise ValueError(f"{a.out} is not a multimodal run")
-    missing = [k for k in ("model", "text", "plan", "mix", "train") if not isinstance(saved.get(k), dict)]
-    if missing:
-        raise CheckpointError(f"cannot resume: {path} has no {'/'.join(repr(k) for k in missing)} section")
-    s = {k: dict(saved[k]) for k in ("model", "text", "plan", "mix", "train")}
-    s["text"].pop("vocab_size", None)  # the run's tokenizer.json fixes it
-    try:  # the file alone first, so that a bad given flag is not blamed on it
-        _configs(s)
-    except (TypeError, ValueError) as e:  # unknown keys or bad values in a hand-edited file
-        raise CheckpointError(f"cannot resume: {path} holds an invalid config ({e})") from None
-    if "preset" in given:
-        s["model"].update(PRESETS[a.preset])
-    flags = {**RESUME_FLAGS, "train": [f.name for f in fields(MMTrainConfig)]}
-    for part, dests in flags.items():
-        s[part].update({d: getattr(a, d) for d in dests if d in given})
-    s["train"].update(out=a.out, progress=not a.no_progress)
-    return _configs(s)
-
-
 def cmd_train_mm(a: argparse.Namespace) -> None:
+    from ..multimodal.run_config import SETTINGS, train_mm_configs
     from ..multimodal.train import MMTrainer
 
-    if a.resume:
-        given = explicit_dests(getattr(a, "argv", []), add_train_args)  # flags typed, not left at their defaults
-        trainer = MMTrainer(*saved_configs(a, given), resume=True)
-    else:
-        trainer = MMTrainer(*configs_from_args(a))
+    given = given_flags(getattr(a, "argv", []), add_train_args)  # flags typed, not left at their defaults
+    settings = {k: v for k, v in given.items() if k in SETTINGS}
+    configs = train_mm_configs(a.out, a.resume, progress=not a.no_progress, **settings)
+    trainer = MMTrainer(*configs, resume=a.resume)
     n = sum(p.numel() for p in trainer.model.parameters())
     print(f"model {n / 1e6:.2f}M params, {trainer.model_cfg.num_tokens} image tokens + {trainer.text_cfg.max_text_len} "
           f"text slots, vocab {trainer.text_cfg.vocab_size}, {'Transfusion' if trainer.text_cfg.transfusion else 'CausalFusion'}"

@@ -1,19 +1,16 @@
-"""`causalfusion train`: every training option, and the call into the Trainer."""
+"""`causalfusion train`: every training option; the given ones go to ``run_config.train_configs``,
+its configs to the Trainer."""
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
 
-from ..ar_plan import ORDERS, WEIGHTINGS, ARPlanConfig
-from ..checkpoint import CheckpointError, read_config
-from ..configs import PAPER_CONFIGS, PaperConfig, get_config, scaled_lr
+from ..ar_plan import ORDERS, WEIGHTINGS
+from ..configs import PAPER_CONFIGS
 from ..diffusion import PREDICTIONS
-from ..models import PRESETS, ModelConfig
+from ..models import PRESETS
 from ..trainer import TrainConfig, param_count_str
 from .common import ints
-
-MODEL_ARGS = ("patch_size", "class_tokens", "class_repeat", "learn_pos", "image_size", "depth", "hidden_size", "num_heads",
-              "prediction")
 
 
 def _on_off(text: str) -> bool:
@@ -80,42 +77,15 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-ckpt", action="store_true", default=None, help="gradient (activation) checkpointing")
 
 
-def explicit_dests(argv: list[str], add_args) -> set[str]:
-    """Names of the arguments given on the command line (rather than left at their defaults)."""
+def given_flags(argv: list[str], add_args) -> dict:
+    """The arguments given on the command line (rather than left at their defaults), by argparse dest,
+    with their parsed values."""
     p = argparse.ArgumentParser(add_help=False)
     add_args(p)
     for act in p._actions:
         act.default = argparse.SUPPRESS
     ns, _ = p.parse_known_args(argv)
-    return set(vars(ns))
-
-
-def apply_paper_config(a: argparse.Namespace, given: set[str]) -> PaperConfig | None:
-    """Fill in the values of ``--config`` that were not given explicitly; resolve ``--base-lr``."""
-    cfg = None
-    if getattr(a, "config", None):
-        cfg = get_config(a.config)
-        batch = a.batch_size if "batch_size" in given else None
-        for k, v in cfg.train_args(batch_size=batch).items():
-            if k not in given and hasattr(a, k):
-                setattr(a, k, v)
-    if getattr(a, "base_lr", None) is not None and "lr" not in given:
-        batch = a.batch_size if a.batch_size is not None else None
-        if batch is None:
-            raise ValueError("--base-lr needs the global batch: pass --batch-size too")
-        a.lr = scaled_lr(a.base_lr, batch)
-    return cfg
-
-
-def finish_paper_config(a: argparse.Namespace, given: set[str], train_cfg, num_images: int) -> None:
-    """Count ``--config``'s warmup and training length (in epochs) on the dataset actually loaded
-    (before it was loaded, ImageNet's 1,281,167 images were assumed)."""
-    if not getattr(a, "config", None):
-        return
-    args = get_config(a.config).train_args(num_images=num_images, batch_size=train_cfg.batch_size)
-    for key in ("warmup", "steps"):
-        if key not in given:
-            setattr(train_cfg, key, args[key])
+    return vars(ns)
 
 
 def add_eval_train_args(p: argparse.ArgumentParser) -> None:
@@ -138,58 +108,13 @@ def eval_callbacks(a: argparse.Namespace, seed: int) -> list:
                          steps=a.eval_steps, seed=seed, inception=a.eval_inception, ref=a.eval_ref)]
 
 
-def model_config_from_args(a: argparse.Namespace, saved: dict | None, num_classes: int, image_size: int, channels: int) -> ModelConfig:
-    """Model config: the saved one when resuming, overridden by what was given explicitly."""
-    base = saved or {**PRESETS[a.preset or "tiny"], "image_size": image_size, "in_channels": channels,
-                     "num_classes": num_classes, "patch_size": 2 if image_size <= 16 else 4}
-    if saved and a.preset:
-        base = {**base, **PRESETS[a.preset]}
-    given = {k: getattr(a, k) for k in MODEL_ARGS if getattr(a, k) is not None}
-    return ModelConfig.from_dict({**base, **given})
-
-
-# ARPlanConfig field <- the train flag's argparse dest
-PLAN_FLAGS = dict(gamma="gamma", fixed_steps="ar_steps", order="order", block="block", dilation="dilation", lam="lam",
-                  weighting="weighting", t_per_step="t_per_step", t_copies="t_copies")
-
-
-def plan_config_from_args(a: argparse.Namespace, saved: dict | None, given: set[str]) -> ARPlanConfig:
-    """AR plan: the saved one when resuming, with the plan flags given explicitly on top (a differing
-    plan is then refused by the trainer, as a differing model is)."""
-    if saved is None:
-        return ARPlanConfig(**{f: getattr(a, d) for f, d in PLAN_FLAGS.items()})
-    try:
-        return ARPlanConfig(**{**saved, **{f: getattr(a, d) for f, d in PLAN_FLAGS.items() if d in given}})
-    except TypeError as e:  # unknown keys in a hand-edited config.json
-        raise CheckpointError(f"cannot resume {a.out}: config.json holds an invalid plan ({e})") from None
-
-
 def cmd_train(a: argparse.Namespace) -> None:
     from ..devices import finalize_distributed
     from ..distributed import ScaleConfig, make_trainer
-    from ..latent_cache import training_dataset
+    from ..run_config import SETTINGS, train_configs
 
-    if a.resume:
-        a.config = None  # a resumed run keeps its saved configuration
-    given = explicit_dests(getattr(a, "argv", []), add_train_args)
-    apply_paper_config(a, given)
-    saved = read_config(a.out) if a.resume else None
-    train_kw = {**(saved or {}).get("train", {})} if saved else {}
-    train_kw.update({f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None})
-    data = a.data if not saved or "data" in given else saved.get("train", {}).get("data", a.data)  # resume: saved data
-    train_kw.update(data=data, out=a.out, progress=not a.no_progress)
-    if a.image_size is not None:
-        train_kw["image_size"] = a.image_size
-    tc = TrainConfig.from_dict(train_kw)
-    # a resumed pixel run reads its images with the channels it was trained on (grey folder data)
-    saved_channels = (saved.get("model") or {}).get("in_channels") if saved and not saved.get("autoencoder") else None
-    channels = a.channels or saved_channels or 3
-    dataset = training_dataset(tc.data, tc.image_size, vae=a.vae, vae_path=a.vae_path, channels=channels,
-                               saved_autoencoder=(saved or {}).get("autoencoder"), device=tc.device)
-    finish_paper_config(a, given, tc, len(dataset))  # --config: epochs counted on this dataset
-    a.image_size = dataset.image_size  # the model's image size is the latent size
-    mc = model_config_from_args(a, saved and saved.get("model"), dataset.num_classes, dataset.image_size, dataset.channels)
-    plan = plan_config_from_args(a, saved and saved.get("plan"), given)
+    settings = {k: v for k, v in given_flags(getattr(a, "argv", []), add_train_args).items() if k in SETTINGS}
+    mc, plan, tc, dataset = train_configs(a.out, a.resume, progress=not a.no_progress, **settings)
     callbacks = eval_callbacks(a, tc.seed)  # checked before anything is written
     for cb in callbacks:
         cb.check_tokens(mc.num_tokens)
