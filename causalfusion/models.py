@@ -228,7 +228,10 @@ class CausalFusion(nn.Module):
 
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """Patch tokens [B, n, P] at raster positions [B, n] (and timesteps [B, n] if noisy) -> [B, n, D]."""
-        h = self.input_proj(tokens) + self.pos_embed[positions]
+        # F.embedding, not pos_embed[positions]: indexing's backward (index_put with accumulate) sums the
+        # repeated positions in a thread-dependent order on CPU, so learnable positions would not train
+        # bit-reproducibly (nor resume bit-identically); embedding's backward does.
+        h = self.input_proj(tokens) + F.embedding(positions, self.pos_embed)
         return h if t is None else h + self.t_embedder(t)
 
     def run_blocks(self, h: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:

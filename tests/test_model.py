@@ -381,3 +381,24 @@ def test_kv_cache_overflow_and_batch_checks():
     kk, _ = cache.write(0, torch.ones(2, 1, 1, 8), torch.ones(2, 1, 1, 8))
     assert kk.shape == (2, 1, 4, 8) and torch.equal(kk[:, :, 3], torch.ones(2, 1, 8))
     assert torch.equal(kk[:, :, :3], torch.zeros(2, 1, 3, 8))
+
+
+def test_learnable_positions_get_the_same_gradient_every_time():
+    """Many samples share each position, so its gradient is a sum; it must be summed in a fixed order
+    (indexing's backward summed in a thread-dependent order on CPU: runs and resumes with learnable
+    positions were not bit-reproducible)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = CausalFusion(tiny_config(learn_pos=True, image_size=16, hidden_size=64))
+        pos = torch.stack([torch.randperm(model.cfg.num_tokens) for _ in range(256)])
+        tokens = torch.randn(256, model.cfg.num_tokens, model.cfg.patch_dim)
+        grads = []
+        for _ in range(6):
+            model.zero_grad()
+            model.embed_tokens(tokens, pos).pow(2).sum().backward()
+            grads.append(model.pos_embed.grad.clone())
+        assert all(torch.equal(grads[0], g) for g in grads[1:])
+    finally:
+        torch.set_num_threads(threads)
