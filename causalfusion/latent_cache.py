@@ -204,6 +204,22 @@ def _encode_shard(dataset: Dataset, ae: Autoencoder, out: Path, i: int, index: d
     with atomic_path(out / s["file"]) as tmp:
         save_file(tensors, str(tmp), metadata={"shard": str(i), "count": str(s["count"]), "start": str(s["start"]),
                                                 "cache": cache_id(index)})
+        _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted. safetensors writes the metadata
+    from a Rust HashMap, in an order that changes from call to call, so the same shard would be
+    other bytes (another sha256) every time; the header keeps its length and the tensors stay put."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > size:  # the same JSON in another order: never longer
+            raise RuntimeError(f"{path}: rewritten safetensors header is {len(text)} bytes, not {size}")
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def _read_index(root: Path) -> dict:

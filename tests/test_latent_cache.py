@@ -146,6 +146,22 @@ def test_killed_caching_run_continues_without_reencoding(world, tmp_path):
         cache_latents(ds, out, load_autoencoder("sd-vae", world / "vae_other"), shard_size=4, progress=False)
 
 
+def test_the_same_command_writes_the_same_shard_files(world, tmp_path):
+    """A shard's bytes are a function of its contents: safetensors writes the metadata of a shard
+    (shard, count, start, cache) in an order that changes from call to call (a Rust HashMap), so
+    the same cache written twice had other sha256 sums, its tensors equal."""
+    ds = load_dataset(f"folder:{world / 'images'}", 16)
+    ae = load_autoencoder("sd-vae", world / "vae")
+    for k in range(3):
+        cache_latents(ds, tmp_path / str(k), ae, shard_size=4, batch_size=3, progress=False)
+    for name in ("shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"):
+        first = (tmp_path / "0" / name).read_bytes()
+        assert all((tmp_path / str(k) / name).read_bytes() == first for k in (1, 2)), name
+    assert (tmp_path / "0" / "shard_00000.safetensors").read_bytes() == (world / "cache" / "shard_00000.safetensors").read_bytes()
+    torch.testing.assert_close(open_latent_cache(tmp_path / "0").get(torch.arange(10)),
+                               open_latent_cache(world / "cache").get(torch.arange(10)), rtol=0, atol=0)
+
+
 def test_a_shard_copied_in_from_another_cache_is_refused_then_encoded_again(world, tmp_path):
     import shutil
 
