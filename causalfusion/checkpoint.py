@@ -90,7 +90,7 @@ def read_config(run_dir: str | Path) -> dict:
     """config.json, its sections checked for type (a hand-edited file fails here, in one line)."""
     path = Path(run_dir) / "config.json"
     config = read_json(path)
-    bad = [k for k in ("model", "plan", "train", "text", "mix", "autoencoder")
+    bad = [k for k in ("model", "plan", "train", "text", "mix", "autoencoder", "scale")
            if config.get(k) is not None and not isinstance(config[k], dict)]
     bad += [k for k in ("data", "kind") if config.get(k) is not None and not isinstance(config[k], str)]
     if bad:

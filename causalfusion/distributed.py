@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from .ar_plan import ARPlanConfig
-from .checkpoint import save_checkpoint_states
+from .checkpoint import read_config, save_checkpoint_states
 from .data import Dataset
 from .devices import DistEnv, barrier, init_distributed, launched_by_torchrun
 from .images import to_uint8
@@ -44,6 +44,10 @@ from .objective import draw_plan_and_noise, drop_labels, noised_loss
 from .trainer import Trainer, TrainConfig, adamw, apply_gradients, check_finite, set_lr
 
 STRATEGIES = ("ddp", "fsdp")
+# ScaleConfig fields saved in config.json ("scale") and kept by a resume that leaves them out: they
+# decide how the gradient is summed (micro-batches; FSDP2's bf16 all-gather). Activation
+# checkpointing changes memory, not the numbers, and is asked for (or not) by every command.
+SAVED_SCALE = ("strategy", "grad_accum")
 
 
 # ---- model helpers -------------------------------------------------------------------------------
@@ -89,6 +93,17 @@ class ScaleConfig:
             raise ValueError(f"--grad-accum must be >= 1, got {self.grad_accum}")
 
 
+def scale_config(run_dir: str | Path, resume: bool = False, strategy: str | None = None,
+                 grad_accum: int | None = None, grad_ckpt: bool | None = None) -> ScaleConfig:
+    """The ``ScaleConfig`` of a run: the settings given (None: not given); a resumed run keeps its saved
+    ``strategy`` and ``grad_accum`` (config.json's "scale") for those left out, so that
+    ``train --out RUN --resume`` sums the gradient over the micro-batches it was trained with."""
+    saved = (read_config(run_dir).get("scale") or {}) if resume else {}
+    given = dict(strategy=strategy, grad_accum=grad_accum, grad_ckpt=grad_ckpt)
+    kept = {k: saved[k] for k in SAVED_SCALE if k in saved}
+    return ScaleConfig(**{**kept, **{k: v for k, v in given.items() if v is not None}})
+
+
 @dataclass
 class DistributedTrainer(Trainer):
     """``Trainer`` on W processes (``torchrun``), or on one with accumulation/checkpointing/FSDP2."""
@@ -99,6 +114,9 @@ class DistributedTrainer(Trainer):
     @property
     def is_main(self) -> bool:
         return self.env is None or self.env.is_main
+
+    def _config_sections(self) -> dict:
+        return {"scale": {k: getattr(self.scale, k) for k in SAVED_SCALE}}
 
     def __post_init__(self) -> None:
         self.scale.validate()
@@ -236,9 +254,11 @@ class DistributedTrainer(Trainer):
 def make_trainer(model_cfg: ModelConfig, plan_cfg: ARPlanConfig, train_cfg: TrainConfig, dataset: Dataset,
                  resume: bool = False, scale: ScaleConfig | None = None) -> Trainer:
     """``Trainer`` for a plain single-process run, ``DistributedTrainer`` under torchrun or with
-    FSDP2 / accumulation / checkpointing (one process and none of those: the two are identical)."""
-    scale = scale or ScaleConfig()
-    if launched_by_torchrun() or scale != ScaleConfig():
+    FSDP2 / accumulation / checkpointing (one process and none of those: the two are identical), and
+    for a resumed run that saved its scale (so that config.json records the one it continues with).
+    ``scale`` None: a resumed run's saved one (``scale_config``), else the defaults."""
+    scale = scale if scale is not None else scale_config(train_cfg.out, resume)
+    if launched_by_torchrun() or scale != ScaleConfig() or (resume and "scale" in read_config(train_cfg.out)):
         return DistributedTrainer(model_cfg, plan_cfg, train_cfg, resume=resume, dataset=dataset, scale=scale)
     return Trainer(model_cfg, plan_cfg, train_cfg, resume=resume, dataset=dataset)
 

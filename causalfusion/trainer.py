@@ -142,12 +142,15 @@ def check_run_dir(out: Path, resume: bool) -> None:
 
 class PendingConfig:
     """config.json of a run resumed with other training settings: ``saved`` (its config.json) with the
-    ``train`` section given. Written with the first checkpoint those settings trained (``write``), so
-    that the next resume starts from them and a resume that fails before leaves config.json as it was."""
+    ``train`` section given (and any further ``sections``, e.g. the distributed trainer's ``scale``).
+    Written with the first checkpoint those settings trained (``write``), so that the next resume starts
+    from them and a resume that fails before leaves config.json as it was."""
 
-    def __init__(self, run_dir: str | Path, saved: dict, train: dict) -> None:
+    def __init__(self, run_dir: str | Path, saved: dict, train: dict, **sections: dict) -> None:
         self.run_dir = run_dir
-        self.config = None if saved.get("train") == train else {**saved, "train": train}  # None: nothing changed
+        new = {"train": train, **sections}
+        changed = any(saved.get(k) != v for k, v in new.items())
+        self.config = {**saved, **new} if changed else None  # None: nothing changed
 
     def write(self) -> None:
         """Before a checkpoint is saved; only the first time."""
@@ -197,7 +200,7 @@ class Trainer:
         config = {"model": self.model_cfg.to_dict(), "plan": asdict(self.plan_cfg), "train": asdict(c),
                   "classes": d.classes, "data": d.name,
                   # the latent space (None: pixels); `sample` decodes with it
-                  "autoencoder": getattr(d, "autoencoder", None)}
+                  "autoencoder": getattr(d, "autoencoder", None), **self._config_sections()}
         if self.resume:
             self._restore()
         elif self.is_main:
@@ -208,6 +211,10 @@ class Trainer:
         """Whether this process writes files and logs (False on ranks > 0 of a distributed run)."""
         return True
 
+    def _config_sections(self) -> dict:
+        """config.json sections a subclass adds (the distributed trainer: how a step is executed)."""
+        return {}
+
     def _restore(self) -> None:
         saved = read_config(self.out)
         check_same_config(self.out, "model", saved.get("model"), self.model_cfg.to_dict(), ModelConfig)
@@ -216,7 +223,7 @@ class Trainer:
         self.step = check_resume_step(self.out, int(state["step"]), self.cfg.steps)
         self.gen.set_state(extra["gen"])
         self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
-        self._new_config = PendingConfig(self.out, saved, asdict(self.cfg))
+        self._new_config = PendingConfig(self.out, saved, asdict(self.cfg), **self._config_sections())
 
     def lr_at(self, step: int) -> float:
         return warmup_lr(step, self.cfg.lr, self.cfg.warmup)

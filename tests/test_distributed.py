@@ -7,6 +7,7 @@ single-process images bit for bit.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,9 +19,10 @@ from safetensors.torch import load_file
 
 from causalfusion.ar_plan import ARPlanConfig
 from causalfusion.cli import main
-from causalfusion.distributed import (DistributedTrainer, ScaleConfig, optimizer_state_by_index,
-                                      optimizer_state_by_name, sample_in_chunks, uint8_to_images)
+from causalfusion.distributed import (DistributedTrainer, ScaleConfig, make_trainer, optimizer_state_by_index,
+                                      optimizer_state_by_name, sample_in_chunks, scale_config, uint8_to_images)
 from causalfusion.models import ModelConfig
+from causalfusion.run_config import train_configs
 from causalfusion.trainer import TrainConfig, Trainer
 from conftest import log_column
 
@@ -194,3 +196,25 @@ def test_config_flags_fill_in_and_explicit_flags_win():
     assert (a.batch_size, a.lr, a.warmup) == (256, 1e-4, 40 * 5005)  # lr by the linear rule, warmup in epochs
     a = resolve("--base-lr", "2e-4", "--batch-size", "1024")
     assert a.lr == 8e-4
+
+
+def test_a_resume_that_leaves_out_grad_accum_continues_the_run_bit_identically(tmp_path):
+    """--grad-accum and --strategy are kept in config.json ("scale"): `train --out RUN --resume --steps N`
+    without them sums the gradient over the run's micro-batches, as the straight run does (it used to
+    resume with one micro-batch: the same step only up to round-off). A given flag wins and is saved."""
+    args = ["--data", "digits", *TINY, "--grad-accum", "2"]
+    assert main(["train", "--out", str(tmp_path / "a"), "--steps", "4", *args]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--steps", "2", *args]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--steps", "4", "--no-progress"]) == 0
+    for name in ("model", "ema", "train"):
+        assert (tmp_path / "a" / f"{name}.safetensors").read_bytes() == (tmp_path / "b" / f"{name}.safetensors").read_bytes(), name
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["scale"] == {"strategy": "ddp", "grad_accum": 2}
+    # Python: make_trainer without a scale resumes with the saved one
+    mc, plan, tc, data = train_configs(str(tmp_path / "b"), resume=True, steps=5)
+    assert make_trainer(mc, plan, tc, data, resume=True).scale == ScaleConfig(grad_accum=2)
+    # one micro-batch asked for: a plain step (the Trainer's), and the next resume keeps it
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--steps", "5", "--grad-accum", "1", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["scale"]["grad_accum"] == 1
+    assert scale_config(tmp_path / "b", resume=True) == ScaleConfig()
+    assert scale_config(tmp_path / "b", resume=True, strategy="fsdp") == ScaleConfig(strategy="fsdp")
+    assert scale_config(tmp_path / "new") == ScaleConfig()  # a new run: the defaults

@@ -110,7 +110,7 @@ def eval_callbacks(a: argparse.Namespace, seed: int) -> list:
 
 def cmd_train(a: argparse.Namespace) -> None:
     from ..devices import finalize_distributed
-    from ..distributed import ScaleConfig, make_trainer
+    from ..distributed import make_trainer, scale_config
     from ..run_config import SETTINGS, train_configs
 
     settings = {k: v for k, v in given_flags(getattr(a, "argv", []), add_train_args).items() if k in SETTINGS}
@@ -118,7 +118,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     callbacks = eval_callbacks(a, tc.seed)  # checked before anything is written
     for cb in callbacks:
         cb.check_tokens(mc.num_tokens)
-    scale = ScaleConfig(strategy=a.strategy or "ddp", grad_accum=a.grad_accum or 1, grad_ckpt=bool(a.grad_ckpt))
+    # --strategy / --grad-accum left out of a resume: the run's own (config.json)
+    scale = scale_config(a.out, a.resume, strategy=a.strategy, grad_accum=a.grad_accum, grad_ckpt=a.grad_ckpt)
     trainer = make_trainer(mc, plan, tc, dataset, a.resume, scale)  # Trainer, or DistributedTrainer (torchrun, FSDP2, ...)
     if trainer.is_main:
         print(f"model {param_count_str(sum(p.numel() for p in trainer.model.parameters()))} params, "
