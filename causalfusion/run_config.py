@@ -6,10 +6,10 @@ A new run: the ``preset`` (default tiny) sized to the data, with ``default_patch
 top (training settings may change; a model or AR plan that differs is refused by the trainer).
 
     from causalfusion.run_config import train_configs
-    from causalfusion.trainer import Trainer
+    from causalfusion.distributed import make_trainer
 
     model_cfg, plan_cfg, train_cfg, data = train_configs("runs/mine", resume=True, steps=6000, lr=3e-4)
-    Trainer(model_cfg, plan_cfg, train_cfg, resume=True, dataset=data).train()
+    make_trainer(model_cfg, plan_cfg, train_cfg, data, resume=True).train()  # keeps a saved --grad-accum
 """
 from __future__ import annotations
 
@@ -92,8 +92,8 @@ def train_configs(out: str | Path, resume: bool = False,
     A new run: the model is the preset sized to the dataset loaded (pixels, or latents through
     ``vae``); ``config``'s warmup and steps are counted in epochs of that dataset. ``resume=True``: the
     run's config.json, with its data (unless ``data`` is given) and, for a grey pixel run, its channels;
-    ``config`` is ignored. Pass the result to ``Trainer(model, plan, train, resume=resume, dataset=data)``
-    (or ``distributed.make_trainer``)."""
+    ``config`` is ignored. Pass the result to ``distributed.make_trainer(model, plan, train, data, resume)`` (which
+    keeps a resumed run's saved --grad-accum/--strategy) or ``Trainer(..., dataset=data)``."""
     out, settings = str(out), {k: v for k, v in settings.items() if v is not None}
     unknown = set(settings) - SETTINGS
     if unknown:
