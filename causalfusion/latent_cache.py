@@ -215,7 +215,8 @@ def _sort_metadata(path: Path) -> None:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":")).encode()
+        # ensure_ascii=False: safetensors (serde_json) writes non-ASCII as UTF-8, not as \u escapes
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         if len(text) > size:  # the same JSON in another order: never longer
             raise RuntimeError(f"{path}: rewritten safetensors header is {len(text)} bytes, not {size}")
         f.seek(8)

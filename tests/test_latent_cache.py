@@ -162,6 +162,30 @@ def test_the_same_command_writes_the_same_shard_files(world, tmp_path):
                                open_latent_cache(world / "cache").get(torch.arange(10)), rtol=0, atol=0)
 
 
+def test_sorting_the_metadata_keeps_the_header_length_with_non_ascii_and_escapes(tmp_path):
+    """safetensors writes non-ASCII as raw UTF-8 (and escapes quotes, backslashes and control
+    characters as Python does): the rewritten header is the same length, its JSON the same."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from causalfusion.latent_cache import _sort_metadata
+
+    path = tmp_path / "s.safetensors"
+    meta = {"b": "1", "a": "ü€😀", "é": 'x\n"\\/\x01', "c": "plain"}
+    tensors = {"mean": torch.arange(6.0).view(2, 3), "labels": torch.tensor([1, 2])}
+    save_file(tensors, str(path), metadata=meta)
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    _sort_metadata(path)
+    new = path.read_bytes()
+    assert len(new) == len(raw) and new[:8] == raw[:8] and new[8 + size:] == raw[8 + size:]
+    assert json.loads(new[8:8 + size]) == json.loads(raw[8:8 + size])
+    assert list(json.loads(new[8:8 + size])["__metadata__"]) == sorted(meta)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == meta
+    torch.testing.assert_close(load_file(str(path)), tensors, rtol=0, atol=0)
+
+
 def test_a_shard_copied_in_from_another_cache_is_refused_then_encoded_again(world, tmp_path):
     import shutil
 
