@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from .ar_plan import ARPlanConfig
-from .checkpoint import read_config, save_checkpoint_states
+from .checkpoint import CheckpointError, read_config, save_checkpoint_states
 from .data import Dataset
 from .devices import DistEnv, barrier, init_distributed, launched_by_torchrun
 from .images import to_uint8
@@ -101,6 +101,9 @@ def scale_config(run_dir: str | Path, resume: bool = False, strategy: str | None
     saved = (read_config(run_dir).get("scale") or {}) if resume else {}
     given = dict(strategy=strategy, grad_accum=grad_accum, grad_ckpt=grad_ckpt)
     kept = {k: saved[k] for k in SAVED_SCALE if k in saved}
+    if not (kept.get("strategy", "ddp") in STRATEGIES and type(kept.get("grad_accum", 1)) is int
+            and kept.get("grad_accum", 1) >= 1):  # a hand-edited file: one line, naming it
+        raise CheckpointError(f"cannot resume {run_dir}: config.json holds an invalid scale {saved}")
     return ScaleConfig(**{**kept, **{k: v for k, v in given.items() if v is not None}})
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from causalfusion.ar_plan import ARPlanConfig
+from causalfusion.checkpoint import CheckpointError
 from causalfusion.cli import main
 from causalfusion.distributed import (DistributedTrainer, ScaleConfig, make_trainer, optimizer_state_by_index,
                                       optimizer_state_by_name, sample_in_chunks, scale_config, uint8_to_images)
@@ -218,3 +219,10 @@ def test_a_resume_that_leaves_out_grad_accum_continues_the_run_bit_identically(t
     assert scale_config(tmp_path / "b", resume=True) == ScaleConfig()
     assert scale_config(tmp_path / "b", resume=True, strategy="fsdp") == ScaleConfig(strategy="fsdp")
     assert scale_config(tmp_path / "new") == ScaleConfig()  # a new run: the defaults
+
+
+@pytest.mark.parametrize("scale", [{"grad_accum": "2"}, {"grad_accum": 0}, {"grad_accum": None}, {"strategy": "dp"}])
+def test_a_hand_edited_scale_is_one_checkpoint_error(tmp_path, scale):
+    (tmp_path / "config.json").write_text(json.dumps({"scale": scale}))
+    with pytest.raises(CheckpointError, match="invalid scale"):
+        scale_config(tmp_path, resume=True)
