@@ -126,7 +126,8 @@ class DistributedTrainer(Trainer):
         self.env = self.env or init_distributed(self.cfg.device, force=self.scale.strategy == "fsdp")
         w, a, b = self.env.world, self.scale.grad_accum, self.cfg.batch_size
         if b % (w * a):
-            raise ValueError(f"the global batch {b} must be divisible by processes x accumulation = {w} x {a}")
+            kept = " (a resume keeps the run's --grad-accum unless given)" if self.resume else ""
+            raise ValueError(f"the global batch {b} must be divisible by processes x accumulation = {w} x {a}{kept}")
         super().__post_init__()  # full model, EMA and optimizer on every rank (restored when resuming)
         self.module = self.model
         if self.scale.grad_ckpt:

@@ -245,32 +245,31 @@ def sample(
     c = model.cfg
     check_cfg(cfg, cfg_interval)
     if isinstance(labels, Condition):
-        cond = labels
-        if cfg != 1.0 and cond.rows % 2:
-            raise ValueError(f"classifier-free guidance needs 2B condition rows (null rows last), got {cond.rows}")
+        if cfg != 1.0 and labels.rows % 2:
+            raise ValueError(f"classifier-free guidance needs 2B condition rows (null rows last), got {labels.rows}")
     else:
         check_labels(labels, c.num_classes)
-        cond = class_condition(model, labels.to(next(model.parameters()).device), null_rows=cfg != 1.0)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"DDIM eta must be a finite number >= 0, got {eta}")
     if precision not in ("fp32", "bf16"):  # fp16 is refused everywhere (unusably slow on CPU, range issues)
         raise ValueError(f"sampling precision must be fp32 or bf16, got {precision!r}")
+    device = next(model.parameters()).device
+    cond = labels if isinstance(labels, Condition) else class_condition(model, labels.to(device), null_rows=cfg != 1.0)
     b = cond.rows // 2 if cfg != 1.0 else cond.rows
     keep = _known_tokens(known, known_tokens, b, c)  # None: nothing known, plain sampling
     n_known = 0 if keep is None else int(keep[0].sum())
     sizes = resolve_groups(c.num_tokens - n_known, ar_steps, groups) if n_known < c.num_tokens else []
     per_step = resolve_steps(steps, len(sizes)) if sizes else []
-    device = next(model.parameters()).device
+    if b == 0:
+        return torch.empty(0, c.in_channels, c.image_size, c.image_size, device=device)
     num_tokens, patch_dim = c.num_tokens, c.patch_dim
     indices = range(first_index, first_index + b)
     order, block, dilation = model_order(model, order, block, dilation)
     order = resolve_order(order, b, c.grid, order_generators(seed, indices), block, dilation).to(device)
     if keep is not None:  # the known tokens first, the others in the order's relative order
         order = order.gather(1, torch.argsort((~keep.to(device).gather(1, order)).int(), dim=1, stable=True))
-    if b == 0:
-        return torch.empty(0, c.in_channels, c.image_size, c.image_size, device=device)
 
     gens = sample_generators(seed, indices)
     order_idx = order[..., None].expand(b, num_tokens, patch_dim)

@@ -384,9 +384,8 @@ def test_kv_cache_overflow_and_batch_checks():
 
 
 def test_learnable_positions_get_the_same_gradient_every_time():
-    """Many samples share each position, so its gradient is a sum; it must be summed in a fixed order
-    (indexing's backward summed in a thread-dependent order on CPU: runs and resumes with learnable
-    positions were not bit-reproducible)."""
+    """Each position's gradient sums over many samples, in a fixed order (indexing's backward summed in a
+    thread-dependent order on CPU: learnable-position runs were not bit-reproducible)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -250,6 +250,13 @@ def test_bad_arguments_are_refused_with_one_line(model, kw, needle):
     assert needle in msg and "\n" not in msg
 
 
+def test_no_labels_give_no_images(model):
+    """An empty batch is an empty result in image shape (it used to fail drawing the random orders)."""
+    for kw in (dict(), dict(cfg=2.0, ar_steps=4), dict(order="raster")):
+        out = sample(model, torch.empty(0, dtype=torch.long), steps=2, **kw)
+        assert out.shape == (0, model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
+
+
 def test_bf16_sampling_runs_the_model_in_bf16_close_to_fp32(model, monkeypatch):
     kw = dict(ar_steps=4, steps=20, cfg=2.0, seed=1)  # (at 4 steps the toy's samples reach |x| ~ 65)
     ref = sample(model, LABELS, **kw)
