@@ -245,6 +245,8 @@ def sample(
     c = model.cfg
     check_cfg(cfg, cfg_interval)
     if isinstance(labels, Condition):
+        if labels.tokens.shape[2] != c.hidden_size:
+            raise ValueError(f"condition tokens are {labels.tokens.shape[2]} wide, the model {c.hidden_size}")
         if cfg != 1.0 and labels.rows % 2:
             raise ValueError(f"classifier-free guidance needs 2B condition rows (null rows last), got {labels.rows}")
     else:

@@ -41,6 +41,13 @@ class Condition:
     causal: bool = False
     visible: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        if self.tokens.ndim != 3:
+            raise ValueError(f"condition tokens must be [rows, C, D], got shape {list(self.tokens.shape)}")
+        if self.visible is not None and (self.visible.dtype != torch.bool or tuple(self.visible.shape) != (self.rows,)):
+            raise ValueError(f"the condition's visible rows must be bool [{self.rows}], "
+                             f"got {self.visible.dtype} {list(self.visible.shape)}")
+
     @property
     def rows(self) -> int:
         return self.tokens.shape[0]

@@ -144,11 +144,18 @@ def test_condition_cache_matches_uncached_and_blind_rows_ignore_their_tokens(mod
 
 def test_condition_causal_flag_and_class_path(model):
     """``causal`` changes what the condition tokens see (so the images); ``sample`` with
-    class ids is ``sample`` with their class condition; CFG needs an even number of rows."""
+    class ids is ``sample`` with their class condition; a malformed condition (width, shape, visible rows,
+    an odd row count under CFG) is refused in one line."""
     kw = dict(ar_steps=2, steps=4, seed=1, cfg=2.0)
     full = sample(model, _condition(model, False, None), **kw)
     assert torch.equal(full, sample(model, LABELS, **kw))
     assert max_diff(full, sample(model, _condition(model, True, None), **kw)) > 1e-3
+    with pytest.raises(ValueError, match="wide, the model"):
+        sample(model, Condition(torch.zeros(4, 2, model.cfg.hidden_size + 1)), **kw)
+    with pytest.raises(ValueError, match=r"\[rows, C, D\]"):
+        Condition(torch.zeros(4, model.cfg.hidden_size))
+    with pytest.raises(ValueError, match="visible rows must be bool"):
+        Condition(torch.zeros(4, 2, model.cfg.hidden_size), visible=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="2B condition rows"):
         sample(model, Condition(class_condition(model, LABELS[:3], null_rows=False).tokens), **kw)
 
