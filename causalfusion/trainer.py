@@ -217,6 +217,11 @@ class Trainer:
 
     def _restore(self) -> None:
         saved = read_config(self.out)
+        scale = saved.get("scale") or {}
+        if not self._config_sections() and (scale.get("grad_accum", 1) != 1 or scale.get("strategy", "ddp") != "ddp"):
+            # another summation of the gradient than the run's (and config.json would keep claiming it)
+            raise CheckpointError(f"cannot resume {self.out} with a plain Trainer: it was trained with {scale}; "
+                                  f"use distributed.make_trainer (or DistributedTrainer with that ScaleConfig)")
         check_same_config(self.out, "model", saved.get("model"), self.model_cfg.to_dict(), ModelConfig)
         check_same_config(self.out, "plan", saved.get("plan"), asdict(self.plan_cfg), ARPlanConfig)
         state, extra = load_training_state(self.out, self.model, self.ema, self.opt)

@@ -213,12 +213,24 @@ def test_a_resume_that_leaves_out_grad_accum_continues_the_run_bit_identically(t
     # Python: make_trainer without a scale resumes with the saved one
     mc, plan, tc, data = train_configs(str(tmp_path / "b"), resume=True, steps=5)
     assert make_trainer(mc, plan, tc, data, resume=True).scale == ScaleConfig(grad_accum=2)
+    with pytest.raises(CheckpointError, match="plain Trainer"):  # it would step with one micro-batch
+        Trainer(mc, plan, tc, resume=True, dataset=data)
     # one micro-batch asked for: a plain step (the Trainer's), and the next resume keeps it
     assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--steps", "5", "--grad-accum", "1", "--no-progress"]) == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["scale"]["grad_accum"] == 1
     assert scale_config(tmp_path / "b", resume=True) == ScaleConfig()
     assert scale_config(tmp_path / "b", resume=True, strategy="fsdp") == ScaleConfig(strategy="fsdp")
     assert scale_config(tmp_path / "new") == ScaleConfig()  # a new run: the defaults
+
+
+def test_an_fsdp_run_resumes_as_fsdp_and_not_in_a_plain_trainer(tmp_path):
+    run = tmp_path / "f"
+    assert main(["train", "--out", str(run), "--steps", "2", "--data", "digits", *TINY, "--strategy", "fsdp"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["scale"] == {"strategy": "fsdp", "grad_accum": 1}
+    mc, plan, tc, data = train_configs(str(run), resume=True, steps=4)
+    with pytest.raises(CheckpointError, match="plain Trainer"):
+        Trainer(mc, plan, tc, resume=True, dataset=data)
 
 
 @pytest.mark.parametrize("scale", [{"grad_accum": "2"}, {"grad_accum": 0}, {"grad_accum": None}, {"strategy": "dp"}])
