@@ -89,8 +89,8 @@ class ScaleConfig:
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.grad_accum < 1:
-            raise ValueError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+        if type(self.grad_accum) is not int or self.grad_accum < 1:
+            raise ValueError(f"--grad-accum must be an integer >= 1, got {self.grad_accum!r}")
 
 
 def scale_config(run_dir: str | Path, resume: bool = False, strategy: str | None = None,
@@ -101,9 +101,10 @@ def scale_config(run_dir: str | Path, resume: bool = False, strategy: str | None
     saved = (read_config(run_dir).get("scale") or {}) if resume else {}
     given = dict(strategy=strategy, grad_accum=grad_accum, grad_ckpt=grad_ckpt)
     kept = {k: saved[k] for k in SAVED_SCALE if k in saved}
-    if not (kept.get("strategy", "ddp") in STRATEGIES and type(kept.get("grad_accum", 1)) is int
-            and kept.get("grad_accum", 1) >= 1):  # a hand-edited file: one line, naming it
-        raise CheckpointError(f"cannot resume {run_dir}: config.json holds an invalid scale {saved}")
+    try:
+        ScaleConfig(**kept).validate()
+    except ValueError:  # a hand-edited file: one line, naming it (not a flag the user did not give)
+        raise CheckpointError(f"cannot resume {run_dir}: config.json holds an invalid scale {saved}") from None
     return ScaleConfig(**{**kept, **{k: v for k, v in given.items() if v is not None}})
 
 
