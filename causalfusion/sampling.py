@@ -78,6 +78,17 @@ def check_cfg(scale: float, interval: tuple[float, float]) -> None:
         raise ValueError(f"CFG interval must satisfy 0 <= lo <= hi <= 1000, got {lo:g},{hi:g}")
 
 
+def check_sampler(sampler: str, eta: float, precision: str) -> None:
+    """Refuse an unknown sampler, a DDIM eta that is not a finite number >= 0, or a precision other
+    than fp32 / bf16, in one line each."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"DDIM eta must be a finite number >= 0, got {eta}")
+    if precision not in ("fp32", "bf16"):  # fp16 is refused everywhere (unusably slow on CPU, range issues)
+        raise ValueError(f"sampling precision must be fp32 or bf16, got {precision!r}")
+
+
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:
     if labels.ndim != 1:
         raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {list(labels.shape)}")
@@ -183,6 +194,19 @@ def guided_output(runner, xs: torch.Tensor, pos: torch.Tensor, t: int, cfg: floa
     return out_u + cfg * (out_c - out_u)
 
 
+def _condition(model: CausalFusion, labels: torch.Tensor | Condition, cfg: float, device: torch.device) -> Condition:
+    """``sample``'s ``labels`` as a checked ``Condition``: class ids [B] embedded (with the null rows
+    when ``cfg`` != 1), or a given condition that fits the model and the guidance."""
+    if not isinstance(labels, Condition):
+        check_labels(labels, model.cfg.num_classes)
+        return class_condition(model, labels.to(device), null_rows=cfg != 1.0)
+    if labels.tokens.shape[2] != model.cfg.hidden_size:
+        raise ValueError(f"condition tokens are {labels.tokens.shape[2]} wide, the model {model.cfg.hidden_size}")
+    if cfg != 1.0 and labels.rows % 2:
+        raise ValueError(f"classifier-free guidance needs 2B condition rows (null rows last), got {labels.rows}")
+    return labels
+
+
 # ---- the sampler -----------------------------------------------------------------------------------
 def _noise_tokens(model: CausalFusion, gens: list[torch.Generator], order_idx: torch.Tensor) -> torch.Tensor:
     """A full-image standard normal draw per sample, as tokens in AR order [B, L, P]."""
@@ -244,21 +268,9 @@ def sample(
     """
     c = model.cfg
     check_cfg(cfg, cfg_interval)
-    if isinstance(labels, Condition):
-        if labels.tokens.shape[2] != c.hidden_size:
-            raise ValueError(f"condition tokens are {labels.tokens.shape[2]} wide, the model {c.hidden_size}")
-        if cfg != 1.0 and labels.rows % 2:
-            raise ValueError(f"classifier-free guidance needs 2B condition rows (null rows last), got {labels.rows}")
-    else:
-        check_labels(labels, c.num_classes)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"DDIM eta must be a finite number >= 0, got {eta}")
-    if precision not in ("fp32", "bf16"):  # fp16 is refused everywhere (unusably slow on CPU, range issues)
-        raise ValueError(f"sampling precision must be fp32 or bf16, got {precision!r}")
+    check_sampler(sampler, eta, precision)
     device = next(model.parameters()).device
-    cond = labels if isinstance(labels, Condition) else class_condition(model, labels.to(device), null_rows=cfg != 1.0)
+    cond = _condition(model, labels, cfg, device)
     b = cond.rows // 2 if cfg != 1.0 else cond.rows
     keep = _known_tokens(known, known_tokens, b, c)  # None: nothing known, plain sampling
     n_known = 0 if keep is None else int(keep[0].sum())
