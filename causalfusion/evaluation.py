@@ -189,7 +189,8 @@ def sample_uint8(model: CausalFusion, labels: torch.Tensor, setting: EvalSetting
 
 def evaluate_model(model: CausalFusion, settings: list[EvalSetting], extractor: FeatureExtractor, reference: ReferenceStats,
                    n: int = 2000, seed: int = 0, batch_size: int = 500, autoencoder: Autoencoder | None = None) -> list[dict]:
-    """One row per setting: the setting's fields, the metrics, and the seconds it took."""
+    """One row per setting: the setting's fields (its ``precision`` as ``sample_precision``), the
+    metrics, and the seconds it took."""
     if n < 2:
         raise ValueError(f"--n must be at least 2, got {n}")
     labels = balanced_labels(n, model.cfg.num_classes)
@@ -200,7 +201,10 @@ def evaluate_model(model: CausalFusion, settings: list[EvalSetting], extractor: 
         images = sample_uint8(model, labels, st, seed, batch_size, autoencoder)
         t1 = time.perf_counter()
         m = evaluate(images, score_labels, extractor, reference, layout="NHWC")
-        rows.append({**vars(st), **m, "sample_s": t1 - t0, "metric_s": time.perf_counter() - t1})
+        # the setting's fp32/bf16 goes in as sample_precision: "precision" is the precision/recall metric,
+        # which a reference without features lacks (the string then reached the metric columns)
+        setting = {k: v for k, v in vars(st).items() if k != "precision"} | {"sample_precision": st.precision}
+        rows.append({**setting, **m, "sample_s": t1 - t0, "metric_s": time.perf_counter() - t1})
     return rows
 
 

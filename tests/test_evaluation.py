@@ -131,6 +131,19 @@ def test_eval_checkpoint_table_per_setting(run_dir, capsys):
     assert "1..16" in one_error_line(capsys)
 
 
+def test_eval_row_keeps_sampling_precision_apart_from_the_precision_metric(run_dir, tmp_path, capsys):
+    """The setting's fp32/bf16 and the precision/recall metric share a name: a reference without
+    features (ADM's batches; docs/evaluation.md) has no metric, and the table used to crash on 'fp32'."""
+    ref = reference_stats("digits", make_extractor("digits"))
+    np.savez(tmp_path / "ref.npz", mu=ref.mu, sigma=ref.sigma)  # no features: no precision/recall
+    rows = evaluate_checkpoint(run_dir, n=12, steps=2, ref=tmp_path / "ref.npz", precision="bf16")
+    assert rows[0]["sample_precision"] == "bf16" and "precision" not in rows[0] and "recall" not in rows[0]
+    assert format_rows(rows).splitlines()[1].split()[5:8] == [f"{rows[0]['fid']:.4g}", f"{rows[0]['inception_score']:.4g}", "-"]
+    with_metric = evaluate_checkpoint(run_dir, n=12, steps=2)[0]
+    assert with_metric["sample_precision"] == "fp32" and isinstance(with_metric["precision"], float)
+    assert main(["eval", "--ckpt", str(run_dir), "--n", "12", "--steps", "2", "--ref", str(tmp_path / "ref.npz")]) == 0
+
+
 def test_samples_do_not_depend_on_the_evaluation_batch_size():
     """sample_uint8 seeds every sample by its global index: batches of 2 and of 4 give the same images."""
     from causalfusion.evaluation import sample_uint8
