@@ -56,7 +56,15 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
-    """ADM's center crop: halve with BOX while large, resize the short side to ``size`` (BICUBIC), crop."""
+    """ADM's center crop: halve with BOX while large, resize the short side to ``size`` (BICUBIC), crop.
+
+    Any mode but L and RGB is converted to RGB first, as ADM/DiT convert every image to RGB before
+    cropping: PIL resizes palette (P) and bilevel (1) images with NEAREST whatever filter is asked
+    for, and LA/RGBA ones with premultiplied alpha (transparent pixels turn black), so converting
+    after the resize would give other pixels. L stays L: BOX and BICUBIC act on each band alone, so
+    a grey image resized and then made RGB equals the RGB image resized."""
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)

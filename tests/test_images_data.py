@@ -53,3 +53,37 @@ def test_folder_batch_read_in_threads_keeps_index_order(tmp_path):
     idx = torch.tensor([7, 0, 11, 3, 3, 5])
     one_by_one = torch.cat([ds.get(idx[k:k + 1]) for k in range(len(idx))])
     assert torch.equal(ds.get(idx), one_by_one) and not torch.equal(one_by_one[0], one_by_one[1])
+
+
+def _adm_crop(img: Image.Image, size: int) -> np.ndarray:
+    """ADM's recipe, step by step: RGB first, halve with BOX while the short side is >= 2x the
+    target, BICUBIC-resize the short side to the target (rounded sizes), then the central square."""
+    img = img.convert("RGB")
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
+    s = size / min(img.size)
+    img = img.resize((round(img.size[0] * s), round(img.size[1] * s)), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y:y + size, x:x + size]
+
+
+def test_center_crop_is_adms_recipe_for_every_image_mode():
+    """A 70x150 image to 16 px goes through two BOX halvings, then BICUBIC. Palette and RGBA files
+    (GIFs, PNGs) must give the pixels of their RGB conversion, as in ADM: PIL resizes P with
+    NEAREST and RGBA premultiplied, so converting only after the resize differs by up to ~140."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (70, 150, 3), dtype=np.uint8)
+    alpha = (rng.integers(0, 2, (70, 150, 1)) * 255).astype(np.uint8)  # half the pixels transparent
+    grey = Image.fromarray(rgb).convert("L")
+    images = {"RGB": Image.fromarray(rgb), "P": Image.fromarray(rgb).quantize(64), "L": grey,
+              "RGBA": Image.fromarray(np.concatenate([rgb, alpha], -1)), "LA": grey.convert("LA"),
+              "CMYK": Image.fromarray(rgb).convert("CMYK")}
+    for mode, img in images.items():
+        assert img.mode == mode
+        out = center_crop_resize(img, 16)
+        assert out.size == (16, 16)
+        np.testing.assert_array_equal(np.asarray(out.convert("RGB")), _adm_crop(img, 16), err_msg=mode)
+    # what the data pipeline feeds the model: the same pixels, in [-1, 1]
+    t = image_to_tensor(center_crop_resize(images["P"], 16), 3)
+    assert torch.equal(t, torch.from_numpy(_adm_crop(images["P"], 16).copy()).permute(2, 0, 1).float() / 127.5 - 1)
