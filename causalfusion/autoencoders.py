@@ -263,48 +263,58 @@ def kl16_config(**overrides) -> dict:
 
 _LDM_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0",
               "nin_shortcut": "conv_shortcut", "norm_out": "conv_norm_out"}
+_RES_PARTS = "norm1|conv1|norm2|conv2|nin_shortcut"
+_ATTN_PARTS = "norm|q|k|v|proj_out"
+# Every parameter name an LDM KL-VAE has (weight or bias), as one pattern per kind of layer. A name
+# that fits none is an error, not a guess: a loose rule (e.g. "any mid.* that is not a block is the
+# mid attention") would map two checkpoint keys onto one diffusers key and keep either silently.
+_LDM_KEY = re.compile(
+    r"(?P<top>encoder|decoder)\.(?:"
+    r"(?P<io>conv_in|conv_out|norm_out)"
+    r"|(?P<dir>down|up)\.(?P<level>\d+)\.(?:block\.(?P<res>\d+)\.(?P<res_part>" + _RES_PARTS + r")"
+    r"|attn\.(?P<attn>\d+)\.(?P<attn_part>" + _ATTN_PARTS + r")|(?P<resample>downsample|upsample)\.conv)"
+    r"|mid\.(?:block_(?P<mid_res>[12])\.(?P<mid_res_part>" + _RES_PARTS + r")"
+    r"|attn_1\.(?P<mid_attn_part>" + _ATTN_PARTS + r"))"
+    r")\.(?P<param>weight|bias)")
 
 
 def ldm_to_diffusers_key(key: str, num_levels: int) -> str | None:
-    """One LDM KL-VAE parameter name -> its diffusers ``AutoencoderKL`` name (None: not a VAE weight)."""
+    """One LDM KL-VAE parameter name -> its diffusers ``AutoencoderKL`` name (None: not a VAE weight,
+    i.e. the training loss's). Any other name is an ``AutoencoderError``."""
     if key.startswith("loss."):
         return None
-    parts = key.split(".")
-    top = parts[0]
-    if top in ("quant_conv", "post_quant_conv"):
+    if re.fullmatch(r"(?:post_)?quant_conv\.(?:weight|bias)", key):
         return key
-    if top not in ("encoder", "decoder"):
-        raise AutoencoderError(f"unexpected key {key!r} in an LDM KL-VAE checkpoint")
-    rest = parts[1:]
-    if rest[0] in ("down", "up"):
-        level = int(rest[1])
-        block = f"down_blocks.{level}" if rest[0] == "down" else f"up_blocks.{num_levels - 1 - level}"
-        kind = rest[2]
-        if kind == "block":
-            new = [block, "resnets", rest[3]] + [_LDM_PARTS.get(rest[4], rest[4])] + rest[5:]
-        elif kind == "attn":
-            new = [block, "attentions", rest[3], _LDM_PARTS[rest[4]]] + rest[5:]
-        elif kind in ("downsample", "upsample"):
-            new = [block, "downsamplers" if kind == "downsample" else "upsamplers", "0"] + rest[3:]
+    m = _LDM_KEY.fullmatch(key)
+    # the encoder only goes down and the decoder only up, through the config's levels
+    if m is None or (m["dir"] is not None and (m["dir"] == "down") != (m["top"] == "encoder")) or (
+            m["level"] is not None and int(m["level"]) >= num_levels):
+        raise AutoencoderError(f"unexpected key {key!r} in an LDM KL-VAE checkpoint "
+                               f"(for a VAE of {num_levels} levels)")
+    if m["io"]:
+        new = [_LDM_PARTS.get(m["io"], m["io"])]
+    elif m["dir"]:
+        level = int(m["level"])  # LDM numbers the decoder's levels from the output; diffusers from the input
+        new = [f"down_blocks.{level}" if m["dir"] == "down" else f"up_blocks.{num_levels - 1 - level}"]
+        if m["res"] is not None:
+            new += ["resnets", m["res"], _LDM_PARTS.get(m["res_part"], m["res_part"])]
+        elif m["attn"] is not None:
+            new += ["attentions", m["attn"], _LDM_PARTS[m["attn_part"]]]
         else:
-            raise AutoencoderError(f"unexpected key {key!r} in an LDM KL-VAE checkpoint")
-    elif rest[0] == "mid":
-        name = rest[1]
-        if name.startswith("block_"):
-            new = ["mid_block", "resnets", str(int(name[6:]) - 1), _LDM_PARTS.get(rest[2], rest[2])] + rest[3:]
-        else:
-            new = ["mid_block", "attentions", "0", _LDM_PARTS[rest[2]]] + rest[3:]
+            new += ["downsamplers" if m["resample"] == "downsample" else "upsamplers", "0", "conv"]
+    elif m["mid_res"]:
+        new = ["mid_block", "resnets", str(int(m["mid_res"]) - 1), _LDM_PARTS.get(m["mid_res_part"], m["mid_res_part"])]
     else:
-        new = [_LDM_PARTS.get(rest[0], rest[0])] + rest[1:]
-    return ".".join([top] + new)
+        new = ["mid_block", "attentions", "0", _LDM_PARTS[m["mid_attn_part"]]]
+    return ".".join([m["top"], *new, m["param"]])
 
 
 def convert_ldm_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """LDM/MAR KL-VAE weights -> diffusers ``AutoencoderKL`` weights for ``config``."""
     levels = len(config["block_out_channels"])
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        new = ldm_to_diffusers_key(key, levels)
+        new = ldm_to_diffusers_key(key, levels)  # one-to-one: no two LDM names give the same new name
         if new is None:
             continue
         if ".attentions." in new and new.rsplit(".", 1)[-1] == "weight" and value.ndim == 4:
@@ -334,7 +344,11 @@ def convert_ldm_vae(src: str | Path, out_dir: str | Path, config: dict | None = 
     if any(k.startswith("model.") for k in state):  # a {"model": state_dict} checkpoint flattened with a prefix
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     vae = AutoencoderKL(**config)
-    missing, unexpected = vae.load_state_dict(convert_ldm_state_dict(state, config), strict=False)
+    try:
+        missing, unexpected = vae.load_state_dict(convert_ldm_state_dict(state, config), strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape (another ch / ch_mult / z_channels)
+        first = str(e).strip().splitlines()
+        raise AutoencoderError(f"{src} does not fit the VAE config: {first[1].strip() if len(first) > 1 else first[0]}") from None
     if missing or unexpected:
         raise AutoencoderError(f"{src} does not fit the VAE config: {len(missing)} missing "
                                f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")

@@ -226,6 +226,103 @@ def test_full_kl16_config_is_16x_16_channels():
     assert not any(".attentions." in k for k in names if k.startswith("decoder.up_blocks"))
 
 
+def _ldm_kl16_shapes(ch=128, mult=(1, 1, 2, 2, 4), blocks=2, z=16, attn_px=16, px=256) -> dict[str, tuple]:
+    """Every parameter name and shape of MAR's KL-16 in LDM layout, derived from its structure:
+    encoder levels of ``blocks`` res blocks (attention after each at ``attn_px``), a stride-2 conv
+    between levels; mid block_1/attn_1/block_2; decoder levels of ``blocks`` + 1 res blocks, listed
+    as up[level] with level 0 at the output, no attention; 1x1 quant convs."""
+    shapes: dict[str, tuple] = {}
+
+    def conv(name, cin, cout, k=3):
+        shapes.update({f"{name}.weight": (cout, cin, k, k), f"{name}.bias": (cout,)})
+
+    def norm(name, c):
+        shapes.update({f"{name}.weight": (c,), f"{name}.bias": (c,)})
+
+    def res(name, cin, cout):
+        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cin, cout), norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cin, cout, 1)
+
+    def attn(name, c):
+        norm(f"{name}.norm", c)
+        for part in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{part}", c, c, 1)
+
+    def mid(top, c):
+        res(f"{top}.mid.block_1", c, c), attn(f"{top}.mid.attn_1", c), res(f"{top}.mid.block_2", c, c)
+
+    conv("encoder.conv_in", 3, ch)
+    cin, size = ch, px
+    for i, m in enumerate(mult):
+        for j in range(blocks):
+            res(f"encoder.down.{i}.block.{j}", cin, ch * m)
+            cin = ch * m
+            if size == attn_px:
+                attn(f"encoder.down.{i}.attn.{j}", cin)
+        if i < len(mult) - 1:
+            conv(f"encoder.down.{i}.downsample.conv", cin, cin)
+            size //= 2
+    mid("encoder", cin), norm("encoder.norm_out", cin), conv("encoder.conv_out", cin, 2 * z)
+    conv("decoder.conv_in", z, cin), mid("decoder", cin)
+    for i in reversed(range(len(mult))):
+        for j in range(blocks + 1):
+            res(f"decoder.up.{i}.block.{j}", cin, ch * mult[i])
+            cin = ch * mult[i]
+        if i > 0:
+            conv(f"decoder.up.{i}.upsample.conv", cin, cin)
+    norm("decoder.norm_out", cin), conv("decoder.conv_out", cin, 3)
+    conv("quant_conv", 2 * z, 2 * z, 1), conv("post_quant_conv", z, z, 1)
+    return shapes
+
+
+def _tiny_kl16_config() -> dict:
+    """kl16_config() shrunk to 2 levels of 8/16 channels, attention in the last encoder level."""
+    return kl16_config(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16,
+                       down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+                       up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def test_every_full_size_kl16_key_maps_onto_kl16_config():
+    """The real KL-16's ~250 LDM names (not just the tiny test model's) map one-to-one onto the
+    diffusers model of ``kl16_config()``, with the same shapes after the 1x1-conv -> linear step."""
+    from causalfusion.autoencoders import convert_ldm_state_dict
+
+    ldm = {k: torch.empty(s, device="meta") for k, s in _ldm_kl16_shapes().items()}
+    converted = convert_ldm_state_dict(ldm, kl16_config())
+    assert len(converted) == len(ldm)  # nothing dropped, no two names merged
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in diffusers.AutoencoderKL(**kl16_config()).state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == want
+
+
+@pytest.mark.parametrize("key", ["encoder.mid.attn_2.q.weight", "encoder.down.4.attn.0.qkv.weight",
+                                 "encoder.mid.block_3.conv1.weight", "decoder.down.0.block.0.conv1.weight",
+                                 "decoder.up.5.block.0.conv1.weight", "encoder.down.x.block.0.conv1.weight",
+                                 "encoder.conv_in", "first_stage_model.encoder.conv_in.weight"])
+def test_unknown_ldm_keys_are_refused_in_one_line(tmp_path, key):
+    """A name outside the LDM layout (a second mid attention, a fused qkv, a level past the last,
+    another model's prefix) is an AutoencoderError naming the key, never a silent guess."""
+    from causalfusion.autoencoders import ldm_to_diffusers_key
+
+    with pytest.raises(AutoencoderError, match="unexpected key"):
+        ldm_to_diffusers_key(key, 5)
+    shapes = _ldm_kl16_shapes(ch=8, mult=(1, 2), blocks=1, attn_px=8, px=16)
+    save_file({**{k: torch.zeros(s) for k, s in shapes.items()}, key: torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(AutoencoderError, match="unexpected key"):
+        convert_ldm_vae(tmp_path / "w.safetensors", tmp_path / "out", config=_tiny_kl16_config())
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_shapes_are_refused_in_one_line(tmp_path):
+    shapes = _ldm_kl16_shapes(ch=8, mult=(1, 2), blocks=1, attn_px=8, px=16, z=4)  # 4 latent channels, not 16
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(AutoencoderError, match="does not fit the VAE config: size mismatch") as e:
+        convert_ldm_vae(tmp_path / "w.safetensors", tmp_path / "out", config=_tiny_kl16_config())
+    assert "\n" not in str(e.value)
+
+
 def test_posterior_is_shifted_and_scaled(tmp_path):
     """encode_posterior gives the model-space posterior: mean (μ - shift)·scale, std σ·scale."""
     from causalfusion.autoencoders import DiffusersAutoencoder
