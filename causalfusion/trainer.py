@@ -277,9 +277,15 @@ class Trainer:
             try:
                 self._grid_decoder = run_autoencoder(self.out, device=self.cfg.device)
             except AutoencoderError as e:
-                print(f"warning: sample grids show latents, not images ({e})")
+                print(f"warning: sample grids show latents (their first 3 channels), not images ({e})")
                 self._grid_decoder = None
-        return samples if self._grid_decoder is None else decode_in_batches(self._grid_decoder, samples)
+        if self._grid_decoder is not None:
+            return decode_in_batches(self._grid_decoder, samples)
+        c = samples.shape[1]
+        # A PNG holds 1 or 3 colour channels (a 4th is alpha): KL-16's 16 latent channels cannot be
+        # written at all (PIL's TypeError stopped the run at its first grid), and SD-VAE's 4th channel
+        # would show as transparency. Pixel runs (1 or 3 channels) pass through unchanged.
+        return samples if c in (1, 3) else samples[:, :3] if c > 3 else samples[:, :1]
 
     def train(self, callbacks: list | None = None) -> dict[str, float]:
         """Run until ``cfg.steps``; log CSV (+TensorBoard if installed), checkpoint, sample grids."""

@@ -323,6 +323,29 @@ def test_wrong_shapes_are_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("channels", [4, 16])
+def test_sample_grids_of_a_latent_run_without_its_vae_show_latents(tmp_path, capsys, channels):
+    """Training from a cache on a machine without the VAE weights: the grids show the first 3 latent
+    channels, with a warning (16 KL-16 channels used to stop the run with PIL's TypeError)."""
+    from PIL import Image
+
+    from causalfusion.ar_plan import ARPlanConfig
+    from causalfusion.data import Dataset
+    from causalfusion.models import ModelConfig
+    from causalfusion.trainer import TrainConfig, Trainer
+
+    ds = Dataset("latents:x", 2, 4, channels, torch.tensor([0, 1]), images=torch.randn(2, channels, 4, 4))
+    ds.autoencoder = {"kind": "kl16", "channels": channels, "downsample": 16, "scale": 0.2325, "shift": 0.0,
+                      "path": str(tmp_path / "gone"), "image_channels": 3, "image_size": 64}
+    model = ModelConfig(image_size=4, in_channels=channels, patch_size=2, hidden_size=16, depth=1, num_heads=2,
+                        num_classes=2, class_tokens=1)
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=1, batch_size=2, sample_every=0, progress=False,
+                      samples_per_class=2, sample_steps=2)
+    path = Trainer(model, ARPlanConfig(), cfg, dataset=ds).sample_grid()
+    assert "sample grids show latents" in capsys.readouterr().out
+    assert Image.open(path).mode == "RGB"
+
+
 def test_posterior_is_shifted_and_scaled(tmp_path):
     """encode_posterior gives the model-space posterior: mean (μ - shift)·scale, std σ·scale."""
     from causalfusion.autoencoders import DiffusersAutoencoder
