@@ -359,3 +359,22 @@ def test_posterior_is_shifted_and_scaled(tmp_path):
     mean, std = ae.encode_posterior(x)
     torch.testing.assert_close(mean, (d.mean - 0.3) * ae.scale)
     torch.testing.assert_close(std, d.std * ae.scale)
+    # decode undoes the shift and the scale exactly once: encode -> decode is the VAE's own decode of μ
+    with torch.no_grad():
+        torch.testing.assert_close(ae.decode(mean), vae.decode(d.mean).sample.clamp(-1, 1), atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_vae_takes_and_gives_float32_on_the_cpu(tmp_path):
+    """A VAE held in bf16 (GPU memory) still hands float32 latents and images to the library, close
+    to the fp32 VAE's; the latent is unscaled in float32 before the cast (no bf16 division)."""
+    save_tiny_vae(tmp_path / "vae")
+    fp32 = load_autoencoder("sd-vae", tmp_path / "vae")
+    bf16 = load_autoencoder("sd-vae", tmp_path / "vae", dtype=torch.bfloat16)
+    assert next(bf16.vae.parameters()).dtype == torch.bfloat16
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z, std = bf16.encode_posterior(x)
+    assert z.dtype == std.dtype == torch.float32 and z.device.type == "cpu"
+    torch.testing.assert_close(z, fp32.encode(x), atol=0.02 * z.abs().max().item(), rtol=0)
+    img = bf16.decode(z)
+    assert img.dtype == torch.float32 and img.min() >= -1 and img.max() <= 1
+    torch.testing.assert_close(img, fp32.decode(z), atol=0.1, rtol=0)
