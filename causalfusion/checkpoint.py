@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .autoencoders import Autoencoder, autoencoder_from_spec
+from .devices import check_device
 from .files import atomic_path, write_json
 from .models import CausalFusion, ModelConfig
 
@@ -230,6 +231,7 @@ def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True)
 def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> CausalFusion:
     """The model of a run directory, EMA weights by default, in eval mode, with the token order it
     was trained with as ``model.trained_order`` (see ``trained_order``)."""
+    check_device(device)  # 'cuda' without CUDA would be an AssertionError deep in .to(device)
     config = read_run_config(run_dir)
     if config.get("kind") == "multimodal":
         raise CheckpointError(f"{run_dir} is a multimodal run: use t2i, caption or eval-mm "

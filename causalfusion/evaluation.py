@@ -42,6 +42,9 @@ METRIC_NAMES = {"fid": "FID", "inception_score": "IS", "precision": "precision",
 def make_extractor(data: str = "digits", inception: str | Path | None = None, device: str = "cpu",
                    cache_dir: str | Path | None = None) -> FeatureExtractor:
     """The digits classifier for ``digits`` (unless ``inception`` is given), else Inception-v3 from ``inception``."""
+    from .devices import check_device
+
+    check_device(device)  # one line for a device this machine lacks, before any feature net is built
     if inception is not None:
         return InceptionExtractor(inception, device=device)
     if data == "digits":

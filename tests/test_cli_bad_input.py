@@ -1,0 +1,44 @@
+"""More bad input on the command line (an adversarial audit): each case is one line on stderr,
+exit code 2, and no file created or changed (listing, sizes and mtimes compared)."""
+from __future__ import annotations
+
+import pytest
+
+from causalfusion.cli import main
+from conftest import one_error_line
+
+TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "4", "--batch-size", "4",
+        "--sample-every", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--data", "digits", "--out", str(out), "--steps", "1", *TINY]) == 0
+    return out
+
+
+def snapshot(root) -> dict:
+    """Every path under ``root`` with its size and mtime: what a refused command must leave alone."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def refused(argv: list[str], needle: str, root, capsys) -> None:
+    """``argv`` exits 2 with one error line containing ``needle`` and touches nothing under ``root``."""
+    before = snapshot(root)
+    assert main(argv) == 2
+    assert needle in one_error_line(capsys)
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["edit", "--ckpt", "{run}", "--generate-class", "3", "--class", "8", "--n", "1", "--steps", "1", "--out", "{tmp}/e.png"],
+    ["eval", "--ckpt", "{run}", "--n", "2", "--steps", "1"],
+    ["eval", "--npz", "{tmp}/s.npz"],
+    ["probe", "--ckpt", "{run}"],
+])
+def test_an_unknown_device_is_one_line(argv, run_dir, tmp_path, capsys):
+    """edit, eval and probe took --device to torch unchecked: a RuntimeError (or, for cuda on a
+    machine without it, an AssertionError) traceback."""
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv] + ["--device", "tpu"]
+    refused(argv, "unknown device 'tpu'", tmp_path, capsys)
