@@ -69,6 +69,8 @@ def check_train_settings(cfg, **more_minimums: int) -> None:
     """What every trainer's config must satisfy (TrainConfig, MMTrainConfig): step counts and
     intervals >= 1, warmup >= 0, a finite positive lr, clip and Adam eps, EMA decay in [0, 1); ``more_minimums``
     adds integer fields and their lowest value. ValueError naming the flag."""
+    if not str(cfg.out).strip():  # Path('') is '.': the run would be written into the current directory
+        raise ValueError("--out is empty; give a run directory")
     minimums = dict(steps=1, batch_size=1, log_every=1, ckpt_every=1, warmup=0, **more_minimums)
     for name, low in minimums.items():
         if getattr(cfg, name) < low:

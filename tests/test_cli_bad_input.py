@@ -42,3 +42,18 @@ def test_an_unknown_device_is_one_line(argv, run_dir, tmp_path, capsys):
     machine without it, an AssertionError) traceback."""
     argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv] + ["--device", "tpu"]
     refused(argv, "unknown device 'tpu'", tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "digits", "--steps", "1", *TINY],
+    ["train-mm", "--data", "shapes:train:8", "--steps", "1", "--max-text-len", "24", *TINY[:8], "--no-progress"],
+    ["sample", "--ckpt", "{run}", "--n", "1", "--steps", "1"],
+    ["sample", "--ckpt", "{run}", "--n", "1", "--steps", "1", "--out", "{tmp}/x.png", "--npz"],
+    ["edit", "--ckpt", "{run}", "--generate-class", "3", "--class", "8", "--n", "1", "--steps", "1"],
+])
+def test_an_empty_output_path_is_refused_before_any_work(argv, run_dir, tmp_path, monkeypatch, capsys):
+    """--out '' trained into the current directory (Path('') is '.'); sample and edit did all the
+    sampling and then failed with "PosixPath('.') has an empty name"."""
+    monkeypatch.chdir(tmp_path)
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
+    refused(argv + ([""] if argv[-1] == "--npz" else ["--out", ""]), "empty", tmp_path, capsys)

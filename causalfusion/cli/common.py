@@ -13,8 +13,11 @@ from ..ar_plan import ORDERS
 def check_outputs(*paths: str | None) -> None:
     """Refuse (one line) output files that could not be written, before any work or any write:
     an existing directory, a path under an existing file, or one in a directory we may not write.
-    None entries are skipped."""
-    given = [Path(p) for p in paths if p]
+    None entries are skipped; an empty name is refused (Path('') is the current directory, and the
+    write would fail only after all the work)."""
+    if any(p is not None and not str(p).strip() for p in paths):
+        raise ValueError("an output path is empty; give a file name")
+    given = [Path(p) for p in paths if p is not None]
     for p in given:
         if p.is_dir():
             raise ValueError(f"output {p} is a directory; give a file name")
