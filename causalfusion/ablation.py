@@ -343,7 +343,7 @@ def run_suite(name: str, settings: AblationSettings | None = None, out_root: str
         raise ValueError("give exactly one of --steps (per config) and --budget (seconds for the suite)")
     if st.steps is not None and st.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {st.steps}")
-    if st.budget is not None and st.budget <= 0:
+    if st.budget is not None and not 0 < st.budget < float("inf"):  # NaN: a ValueError from int() after mkdir
         raise ValueError(f"--budget must be > 0 seconds, got {st.budget}")
     for flag, v, low in (("--batch-size", st.batch_size, 1), ("--eval-n", st.eval_n, 2), ("--eval-steps", st.eval_steps, 1)):
         if v < low:

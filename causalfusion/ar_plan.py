@@ -151,8 +151,8 @@ class ARPlanConfig:
             raise ValueError(f"dilation must be >= 1, got {self.dilation}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown AR weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-        if self.lam < 1.0:
-            raise ValueError(f"AR loss weight lambda must be >= 1, got {self.lam}")
+        if not self.lam >= 1.0 or self.lam == float("inf"):  # (NaN fails every comparison: written to pass none)
+            raise ValueError(f"AR loss weight lambda must be a finite number >= 1, got {self.lam}")
         if self.t_copies < 1:
             raise ValueError(f"t copies must be >= 1, got {self.t_copies}")
 

@@ -57,3 +57,25 @@ def test_an_empty_output_path_is_refused_before_any_work(argv, run_dir, tmp_path
     monkeypatch.chdir(tmp_path)
     argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
     refused(argv + ([""] if argv[-1] == "--npz" else ["--out", ""]), "empty", tmp_path, capsys)
+
+
+MM_TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--max-text-len", "24", "--batch-size", "4",
+           "--no-progress"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    # NaN passed `lam < 1`: the first loss was NaN after config.json and log.csv were written
+    (["train", "--data", "digits", "--steps", "1", "--lam", "nan", *TINY], "lambda must be a finite number >= 1"),
+    (["train-mm", "--data", "shapes:train:8", "--steps", "1", "--lam", "nan", *MM_TINY], "lambda must be a finite"),
+    (["train-mm", "--data", "shapes:train:8", "--steps", "1", "--text-weight", "nan", *MM_TINY], "text loss weight"),
+    # NaN passed `budget <= 0`: "cannot convert float NaN to integer" after OUT/order was made
+    (["ablate", "--suite", "order", "--budget", "nan"], "--budget must be > 0"),
+    # the multimodal suite checked none of these: a negative budget trained 10 steps per run and exited 0,
+    # --steps 0 failed at loading an untrained run, --eval-n 0 only after training every run
+    (["ablate", "--suite", "multimodal", "--budget", "-1"], "--budget must be > 0"),
+    (["ablate", "--suite", "multimodal", "--budget", "nan"], "--budget must be > 0"),
+    (["ablate", "--suite", "multimodal", "--steps", "0"], "--steps must be >= 1"),
+    (["ablate", "--suite", "multimodal", "--steps", "1", "--eval-n", "0"], "--eval-n must be >= 2"),
+])
+def test_nan_and_out_of_range_numbers_are_refused_before_any_write(argv, needle, tmp_path, capsys):
+    refused(argv + ["--out", str(tmp_path / "out")], needle, tmp_path, capsys)

@@ -60,7 +60,7 @@ def _ablate_multimodal(a: argparse.Namespace, command: str) -> None:
     goes to ``OUT/multimodal/report.md`` with ``multimodal.png``."""
     from pathlib import Path
 
-    from ..multimodal.ablation import RUNS, MMSuiteSettings, run_suite, seconds_per_step
+    from ..multimodal.ablation import MMSuiteSettings, budget_steps, run_suite
     from .train import given_flags
 
     if a.data not in ("digits", "shapes"):  # "digits" is the shared default flag value
@@ -75,7 +75,7 @@ def _ablate_multimodal(a: argparse.Namespace, command: str) -> None:
     if a.steps is not None:
         st.steps = a.steps
     else:
-        st.steps = max(10, int(0.9 * a.budget / len(RUNS) / seconds_per_step(st)))
+        st.steps = budget_steps(st, a.budget)
         print(f"multimodal: budget {a.budget:.0f}s -> {st.steps} steps per run", flush=True)
     out = Path(a.out) / "multimodal"
     report = run_suite(out, out / "report.md", st, command, log=lambda m: print(m, flush=True))

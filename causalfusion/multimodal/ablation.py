@@ -61,6 +61,23 @@ class MMSuiteSettings:
     cfg: float = 3.0
     progress: bool = False
 
+    def validate(self) -> None:
+        """One clear ValueError for counts no run can use, before anything is trained or written
+        (--steps 0 failed at loading a run that was never trained, --eval-n 0 after training both)."""
+        for flag, v, low in (("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1),
+                             ("--eval-n", self.eval_n, 2), ("--eval-steps", self.eval_steps, 1)):
+            if v < low:
+                raise ValueError(f"{flag} must be >= {low}, got {v}")
+
+
+def budget_steps(st: MMSuiteSettings, budget: float) -> int:
+    """Training steps per run that fit ``budget`` wall seconds for the whole suite (about 10% kept
+    for evaluation; at least 10), timed at ``st``'s settings."""
+    if not 0 < budget < float("inf"):  # (a negative budget used to train the minimum 10 steps anyway)
+        raise ValueError(f"--budget must be > 0 seconds, got {budget}")
+    st.validate()  # before the throwaway timing run
+    return max(10, int(0.9 * budget / len(RUNS) / seconds_per_step(st)))
+
 
 def run_plan(st: MMSuiteSettings, causalfusion_plan: bool) -> ARPlanConfig:
     """The image objective of a run: Sec. 5's AR plan, or plain diffusion (S=1, uniform weight)."""
@@ -163,6 +180,7 @@ def run_suite(out_dir: str | Path, report: str | Path, settings: MMSuiteSettings
     from .train import load_multimodal
 
     st = settings or MMSuiteSettings()
+    st.validate()
     out_dir, report = Path(out_dir), Path(report)
     extractor = ShapesExtractor(16)
     results, grids, curves, caps = {}, {}, {}, {}

@@ -33,8 +33,8 @@ class MixConfig:
     def validate(self) -> None:
         if not 0.0 <= self.image_first_prob <= 1.0:
             raise ValueError(f"image-first probability must be in [0, 1], got {self.image_first_prob}")
-        if self.text_weight < 0:
-            raise ValueError(f"text loss weight must be >= 0, got {self.text_weight}")
+        if not 0 <= self.text_weight < float("inf"):  # NaN too: it made the first loss NaN after config.json was written
+            raise ValueError(f"text loss weight must be a finite number >= 0, got {self.text_weight}")
 
 
 def split_rows(batch: int, p: float, generator: torch.Generator | None = None) -> int:
