@@ -229,6 +229,9 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: int | list[in
     from .checkpoint import load_model, read_config, run_autoencoder
     from .sampling import model_order
 
+    ar_steps = [ar_steps] if isinstance(ar_steps, int) else list(ar_steps)
+    if not ar_steps:  # (--ar-steps '' or ',': no setting to sample, and the command printed nothing, exit 0)
+        raise ValueError("--ar-steps: give at least one number of AR steps (S_eval), e.g. 1 or 1,2,4")
     model = load_model(ckpt, ema=not raw, device=device)
     order, block, dilation = model_order(model, order, block, dilation)
     data = data or read_config(ckpt).get("data") or "digits"
@@ -238,7 +241,6 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: int | list[in
     ext = make_extractor(data, inception, device, cache_dir)
     reference = reference_stats(data, ext, ref, cache_dir, *pixel_size_and_channels(model.cfg, ae))
     ae = None if isinstance(ae, IdentityAutoencoder) else ae
-    ar_steps = [ar_steps] if isinstance(ar_steps, int) else ar_steps
     settings = [EvalSetting(s, order, steps, cfg, block, dilation, precision) for s in ar_steps]
     return evaluate_model(model, settings, ext, reference, n, seed, batch_size, ae)
 
@@ -285,7 +287,9 @@ class EvalCallback:
             raise ValueError(f"--eval-steps must be >= 1, got {steps}")
         self.every, self.n, self.seed, self.batch_size = every, n, seed, batch_size
         self.order = order  # None: the trainer's (set up at the first evaluation)
-        ar_steps = [ar_steps] if isinstance(ar_steps, int) else ar_steps
+        ar_steps = [ar_steps] if isinstance(ar_steps, int) else list(ar_steps)
+        if not ar_steps:  # (--eval-ar-steps '' trained with an evaluation that scored nothing)
+            raise ValueError("--eval-ar-steps: give at least one number of AR steps (S_eval), e.g. 1 or 1,2,4")
         self.settings = [EvalSetting(int(s), order or "random", steps, cfg) for s in ar_steps]
         self.inception, self.ref, self.cache_dir = inception, ref, cache_dir
         self._ready = False

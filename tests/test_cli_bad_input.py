@@ -79,3 +79,11 @@ MM_TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--max-tex
 ])
 def test_nan_and_out_of_range_numbers_are_refused_before_any_write(argv, needle, tmp_path, capsys):
     refused(argv + ["--out", str(tmp_path / "out")], needle, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--ckpt", "{run}", "--n", "2", "--steps", "1", "--ar-steps", ","],  # printed nothing, exit 0
+    ["train", "--data", "digits", "--out", "{tmp}/r", "--steps", "1", "--eval-every", "1", "--eval-ar-steps", "", *TINY],
+])
+def test_an_empty_list_of_ar_steps_is_refused(argv, run_dir, tmp_path, capsys):
+    refused([a.format(run=run_dir, tmp=tmp_path) for a in argv], "give at least one number of AR steps", tmp_path, capsys)
