@@ -1,12 +1,13 @@
 """Atomic file writes: every file the library writes goes through a temporary file and
 ``os.replace``, so an interrupted run never leaves a truncated checkpoint, index, report or image
-behind, and a failed write leaves the old file as it was."""
+behind, and a failed write leaves the old file as it was. ``NewFiles`` takes back what a run that
+failed early wrote into its output directory."""
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -31,3 +32,47 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: dict | list, sort_keys: bool = False) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys))
+
+
+class NewFiles:
+    """What a directory held before a run started writing into it, so that a run which fails before
+    it has anything worth keeping (a fresh training run before its first checkpoint, a latent cache
+    before its first shard) can take back exactly what it added, and no more: files and folders that
+    were there stay, and the directory itself goes only if this run created it (with any parents it
+    had to create)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        # the outermost directory the run will create (None: root exists already)
+        self.created: Path | None = None
+        for p in (self.root, *self.root.parents):
+            if p.exists():
+                break
+            self.created = p
+        self.before: set[str] = set() if self.created else _all_paths(self.root)
+
+    def remove(self) -> None:
+        """Delete what was added under ``root`` since ``__init__`` (best effort: a file another
+        process holds open or a missing permission is left, as cleaning up must not hide the error
+        that stopped the run)."""
+        import shutil
+
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+            return
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            for name in list(dirnames):
+                p = os.path.join(dirpath, name)
+                if p not in self.before:
+                    shutil.rmtree(p, ignore_errors=True)
+                    dirnames.remove(name)  # gone; nothing to walk into
+            for name in filenames:
+                p = os.path.join(dirpath, name)
+                if p not in self.before:
+                    with suppress(OSError):
+                        os.unlink(p)
+
+
+def _all_paths(root: Path) -> set[str]:
+    """Every path under ``root`` (as os.walk spells it), directories included."""
+    return {os.path.join(d, n) for d, dirs, files in os.walk(root) for n in (*dirs, *files)}

@@ -35,7 +35,7 @@ from .autoencoders import (LATENT_KEYS, Autoencoder, AutoencoderError, autoencod
                            load_autoencoder, resolve_weights, sample_posterior, weights_digest)
 from .data import Dataset, load_dataset
 from .devices import barrier as process_barrier, finalize_distributed, init_distributed
-from .files import atomic_path, write_json
+from .files import NewFiles, atomic_path, write_json
 
 FORMAT = "causalfusion-latent-cache"
 VERSION = 1
@@ -133,7 +133,8 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
         "shard_size": shard_size, "shards": plan_shards(len(dataset), shard_size), "complete": False,
     }
     path = out / INDEX
-    fresh, made_dir = world == 1 and not path.exists(), not out.exists()  # what to undo if the first shard fails
+    # what to take back if the first shard fails (a cache started earlier, or by another rank, is kept)
+    new_files = NewFiles(out) if world == 1 and not path.exists() else None
     if path.exists():
         old = _read_index(out)
         for key in _SAME:
@@ -166,10 +167,8 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
         for i in todo:
             _encode_shard(dataset, ae, out, i, index, dtype, batch_size, bar)
     except BaseException:  # e.g. a damaged image: a cache this call started and never filled is removed
-        if fresh and not any((out / s["file"]).exists() for s in shards):
-            path.unlink(missing_ok=True)
-            if made_dir and not any(out.iterdir()):
-                out.rmdir()
+        if new_files is not None and not any((out / s["file"]).exists() for s in shards):
+            new_files.remove()
         raise
     bar.close()
     if barrier:

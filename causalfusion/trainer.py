@@ -5,6 +5,7 @@ is saved with the checkpoint, so ``resume`` continues bit-identically.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import csv
@@ -22,7 +23,7 @@ from .checkpoint import (CheckpointError, check_same_config, load_training_state
 from .data import BatchStream, Dataset, load_dataset
 from .devices import check_precision
 from .diffusion import Diffusion
-from .files import write_text
+from .files import NewFiles, write_text
 from .images import save_grid
 from .models import CausalFusion, ModelConfig
 from .objective import causalfusion_loss, drop_labels
@@ -177,6 +178,7 @@ class Trainer:
     dataset: Dataset | None = None
     step: int = field(init=False, default=0)
     _new_config: PendingConfig | None = field(init=False, default=None, repr=False)  # set on resume
+    _new_files: NewFiles | None = field(init=False, default=None, repr=False)  # a fresh run's, on the writing rank
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -206,6 +208,7 @@ class Trainer:
         if self.resume:
             self._restore()
         elif self.is_main:
+            self._new_files = NewFiles(self.out)  # before the first write: what train() takes back if it fails early
             write_config(self.out, config)
 
     @property
@@ -290,7 +293,15 @@ class Trainer:
         return samples if c in (1, 3) else samples[:, :3] if c > 3 else samples[:, :1]
 
     def train(self, callbacks: list | None = None) -> dict[str, float]:
-        """Run until ``cfg.steps``; log CSV (+TensorBoard if installed), checkpoint, sample grids."""
+        """Run until ``cfg.steps``; log CSV (+TensorBoard if installed), checkpoint, sample grids.
+        A fresh run that fails before its first checkpoint removes what it wrote (``discard_unsaved``)."""
+        try:
+            return self._train(callbacks)
+        except Exception:
+            discard_unsaved(self._new_files, self.out)
+            raise
+
+    def _train(self, callbacks: list | None) -> dict[str, float]:
         c = self.cfg
         log_path = self.out / "log.csv"
         new_log = not log_path.exists()
@@ -298,7 +309,9 @@ class Trainer:
             new_log = trim_log(log_path, self.step)
         writer = _tensorboard(self.out) if self.is_main else None
         last: dict[str, float] = {}
-        with open(log_path if self.is_main else os.devnull, "a", newline="") as f:
+        # the writer is closed on an error too (before a failed fresh run's tb/ is removed)
+        with open(log_path if self.is_main else os.devnull, "a", newline="") as f, \
+                (contextlib.closing(writer) if writer else contextlib.nullcontext()):
             log = csv.writer(f)
             if new_log:
                 log.writerow(["step", "loss", "grad_norm", "lr", "ar_steps", "it_per_s"])
@@ -326,9 +339,16 @@ class Trainer:
                 for cb in callbacks or []:
                     cb(self, last)
             bar.close()
-        if writer:
-            writer.close()
         return last
+
+
+def discard_unsaved(new_files: NewFiles | None, out: Path) -> None:
+    """After a fresh run failed: if it has no checkpoint yet (no state.json), remove what it wrote
+    (config.json, log.csv, tb/, samples/, tokenizer.json ...), so that bad input such as an lr that
+    diverges at step 1 leaves no half-made run behind. A resumed run (``new_files`` None) keeps
+    everything, and so does a run with a checkpoint: its logs and grids belong to what it saved."""
+    if new_files is not None and not (out / "state.json").exists():
+        new_files.remove()
 
 
 def trim_log(path: Path, step: int) -> bool:

@@ -87,3 +87,37 @@ def test_nan_and_out_of_range_numbers_are_refused_before_any_write(argv, needle,
 ])
 def test_an_empty_list_of_ar_steps_is_refused(argv, run_dir, tmp_path, capsys):
     refused([a.format(run=run_dir, tmp=tmp_path) for a in argv], "give at least one number of AR steps", tmp_path, capsys)
+
+
+# --lr 1e30: step 0's loss is finite (taken before any update), step 1's is inf, before the first checkpoint
+DIVERGING = {
+    "train": ["train", "--data", "digits", "--steps", "2", "--lr", "1e30", *TINY],
+    "train-mm": ["train-mm", "--data", "shapes:train:8", "--steps", "2", "--lr", "1e30", *MM_TINY],
+}
+
+
+@pytest.mark.parametrize("command", DIVERGING)
+def test_a_fresh_run_that_diverges_before_its_first_checkpoint_leaves_nothing(command, tmp_path, capsys):
+    """The run exited with one line but left config.json and log.csv (train-mm: tokenizer.json) in a
+    directory that could neither be resumed nor trained into without them looking like a run."""
+    refused(DIVERGING[command] + ["--out", str(tmp_path / "new" / "run")], "loss is inf at step 1", tmp_path, capsys)
+    assert not (tmp_path / "new").exists()  # the directories it created went too
+
+
+def test_a_diverging_run_in_an_existing_directory_keeps_what_was_there(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "samples").mkdir()  # a folder the run writes into: kept, its new grids go
+    argv = DIVERGING["train"] + ["--sample-every", "1", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "loss is inf at step 1" in one_error_line(capsys)
+    # (samples/ keeps its files but not its mtime: the grid of step 1 was written into it and removed)
+    assert sorted(map(str, tmp_path.rglob("*"))) == [str(tmp_path / "notes.txt"), str(tmp_path / "samples")]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_resumed_run_that_diverges_deletes_nothing(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(run_dir, tmp_path / "run")  # at step 1: the first step it trains diverges
+    refused(["train", "--out", str(run), "--resume", "--steps", "3", "--lr", "1e30", "--no-progress"],
+            "at step 2; stopping", tmp_path, capsys)

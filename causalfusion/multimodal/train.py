@@ -22,8 +22,9 @@ from ..checkpoint import (CheckpointError, check_same_config, load_training_stat
 from ..devices import check_precision
 from ..diffusion import Diffusion
 from ..models import ModelConfig
+from ..files import NewFiles
 from ..trainer import (PendingConfig, adamw, apply_gradients, check_finite, check_resume_step, check_run_dir,
-                       check_train_settings, ema_decay_at, set_lr, trim_log, warmup_lr)
+                       check_train_settings, discard_unsaved, ema_decay_at, set_lr, trim_log, warmup_lr)
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
 from .objective import MixConfig, multimodal_loss
@@ -76,6 +77,7 @@ class MMTrainer:
     dataset: CaptionDataset | None = None
     step: int = field(init=False, default=0)
     _new_config: PendingConfig | None = field(init=False, default=None, repr=False)  # set on resume
+    _new_files: NewFiles | None = field(init=False, default=None, repr=False)  # a fresh run's (see Trainer.train)
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -116,6 +118,7 @@ class MMTrainer:
             self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
             self._new_config = PendingConfig(self.out, saved, config["train"])
         else:
+            self._new_files = NewFiles(self.out)  # before the first write: what train() takes back if it fails early
             write_config(self.out, config)
             self.tokenizer.save(self.out)
 
@@ -155,7 +158,15 @@ class MMTrainer:
         save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, extra, {"data": self.dataset.name, "kind": KIND})
 
     def train(self) -> dict[str, float]:
-        """Run to ``cfg.steps``; log.csv holds running means of the losses (text over image-first rows)."""
+        """Run to ``cfg.steps``; log.csv holds running means of the losses (text over image-first rows).
+        A fresh run that fails before its first checkpoint removes what it wrote (``trainer.discard_unsaved``)."""
+        try:
+            return self._train()
+        except Exception:
+            discard_unsaved(self._new_files, self.out)
+            raise
+
+    def _train(self) -> dict[str, float]:
         c, log_path = self.cfg, self.out / "log.csv"
         new_log = not log_path.exists()
         if not new_log:  # rows a killed run logged after its last checkpoint
