@@ -292,6 +292,14 @@ class EvalCallback:
             raise ValueError("--eval-ar-steps: give at least one number of AR steps (S_eval), e.g. 1 or 1,2,4")
         self.settings = [EvalSetting(int(s), order or "random", steps, cfg) for s in ar_steps]
         self.inception, self.ref, self.cache_dir = inception, ref, cache_dir
+        # The files are read now, not at the first evaluation: a missing or unreadable one stopped
+        # training only then, after a checkpoint (and a run directory) existed. The weights are
+        # read again by the extractor on the trainer's device; the statistics are kept.
+        if inception is not None:
+            from .metrics.inception import load_inception_weights
+
+            load_inception_weights(inception)
+        self._given_reference = load_reference_stats(ref) if ref is not None else None
         self._ready = False
         self.history: list[dict] = []
 
@@ -301,18 +309,27 @@ class EvalCallback:
         if bad:
             raise ValueError(f"--eval-ar-steps {bad[0]}: the model has {num_tokens} tokens (1..{num_tokens})")
 
+    def check_data(self, data: str) -> None:
+        """The files that scoring ``data`` needs were given (the CLI asks before anything is written)."""
+        if data.startswith("latents:") and self.ref is None:
+            raise ValueError("in-loop evaluation of a latent-cache run needs --eval-ref (reference statistics)")
+        if data != "digits" and self.inception is None:
+            raise ValueError(f"in-loop evaluation of {data!r} needs --eval-inception PATH (Inception-v3 weights, "
+                             f"see docs/evaluation.md); only digits has a built-in feature network")
+
     def _setup(self, trainer) -> None:
         from .autoencoders import IdentityAutoencoder
         from .checkpoint import run_autoencoder
 
         data = trainer.dataset.name
-        if data.startswith("latents:") and self.ref is None:
-            raise ValueError("in-loop evaluation of a latent-cache run needs --eval-ref (reference statistics)")
+        self.check_data(data)
         dev = trainer.cfg.device
         ae = run_autoencoder(trainer.out, device=dev)
         self.extractor = make_extractor(data, self.inception, dev, self.cache_dir)
-        self.reference = reference_stats(data, self.extractor, self.ref, self.cache_dir,
-                                         *pixel_size_and_channels(trainer.model_cfg, ae))
+        self.reference = self._given_reference
+        if self.reference is None:
+            self.reference = reference_stats(data, self.extractor, None, self.cache_dir,
+                                             *pixel_size_and_channels(trainer.model_cfg, ae))
         self.check_tokens(trainer.model_cfg.num_tokens)
         plan = trainer.plan_cfg  # sample in the order the run trains with (or the given one, same tiles)
         for st in self.settings:

@@ -121,3 +121,32 @@ def test_a_resumed_run_that_diverges_deletes_nothing(run_dir, tmp_path, capsys):
     run = shutil.copytree(run_dir, tmp_path / "run")  # at step 1: the first step it trains diverges
     refused(["train", "--out", str(run), "--resume", "--steps", "3", "--lr", "1e30", "--no-progress"],
             "at step 2; stopping", tmp_path, capsys)
+
+
+@pytest.mark.parametrize("flag, name, needle", [
+    ("--eval-ref", "missing.npz", "reference statistics not found"),
+    ("--eval-ref", "ref.npz", "ref.npz is not a reference-statistics .npz"),  # (a text file)
+    ("--eval-inception", "missing.pth", "Inception-v3 weights not found"),
+    ("--eval-inception", "inception.pth", "could not read Inception-v3 weights"),
+])
+def test_eval_files_are_read_before_training(flag, name, needle, tmp_path, capsys):
+    """A missing or unreadable --eval-ref/--eval-inception stopped training only at the first
+    evaluation, after config.json, log.csv and a checkpoint were written."""
+    (tmp_path / "files").mkdir()
+    for garbage in ("ref.npz", "inception.pth"):
+        (tmp_path / "files" / garbage).write_text("not this")
+    argv = ["train", "--data", "digits", "--steps", "1", "--eval-every", "1", "--eval-n", "2", "--eval-steps", "1",
+            flag, str(tmp_path / "files" / name), "--out", str(tmp_path / "run"), *TINY]
+    refused(argv, needle, tmp_path, capsys)
+
+
+def test_in_loop_evaluation_of_folder_data_needs_inception_weights_up_front(tmp_path, capsys):
+    """Data other than digits has no built-in feature network: this failed at the first evaluation."""
+    from PIL import Image
+
+    for k in range(2):
+        (tmp_path / "imgs" / f"c{k}").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (k * 200, 0, 0)).save(tmp_path / "imgs" / f"c{k}" / "a.png")
+    argv = ["train", "--data", f"folder:{tmp_path / 'imgs'}", "--image-size", "8", "--steps", "1", "--eval-every", "1",
+            "--out", str(tmp_path / "run"), *TINY]
+    refused(argv, "needs --eval-inception", tmp_path, capsys)

@@ -118,6 +118,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     callbacks = eval_callbacks(a, tc.seed)  # checked before anything is written
     for cb in callbacks:
         cb.check_tokens(mc.num_tokens)
+        cb.check_data(dataset.name)
     # --strategy / --grad-accum left out of a resume: the run's own (config.json)
     scale = scale_config(a.out, a.resume, strategy=a.strategy, grad_accum=a.grad_accum, grad_ckpt=a.grad_ckpt)
     trainer = make_trainer(mc, plan, tc, dataset, a.resume, scale)  # Trainer, or DistributedTrainer (torchrun, FSDP2, ...)
