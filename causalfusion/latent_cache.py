@@ -133,6 +133,12 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
         "shard_size": shard_size, "shards": plan_shards(len(dataset), shard_size), "complete": False,
     }
     path = out / INDEX
+    if not path.exists() and out.is_dir() and any(out.iterdir()):
+        # e.g. a training run: index.json and the shards went in among its files
+        raise CacheError(f"--out {out} is a non-empty directory without a latent cache ({INDEX}); "
+                         f"give a new or empty directory, or an existing cache to continue")
+    if barrier:
+        barrier()  # every rank has looked at ``out`` before rank 0 writes the index into it
     # what to take back if the first shard fails (a cache started earlier, or by another rank, is kept)
     new_files = NewFiles(out) if world == 1 and not path.exists() else None
     if path.exists():

@@ -365,3 +365,24 @@ def test_ranks_encode_only_their_shards(tmp_path):
     cache_latents(ds, tmp_path / "c", IdentityAutoencoder(3), shard_size=1, rank=1, world=2, progress=False)
     assert sorted(p.name for p in (tmp_path / "c").glob("shard_*")) == ["shard_00001.safetensors",
                                                                          "shard_00003.safetensors"]
+
+
+def test_a_non_empty_directory_without_a_cache_is_refused(tmp_path, capsys):
+    """cache-latents --out RUN (a training run, say) wrote index.json and the shards among its files."""
+    from causalfusion.autoencoders import IdentityAutoencoder
+    from causalfusion.cli import main
+
+    ds = load_dataset(f"folder:{_folder(tmp_path / 'img')}", 8)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    with pytest.raises(CacheError, match="non-empty directory without a latent cache"):
+        cache_latents(ds, run, IdentityAutoencoder(3), progress=False)
+    assert main(["cache-latents", "--data", f"folder:{tmp_path / 'img'}", "--image-size", "8", "--out", str(run),
+                 "--no-progress"]) == 2
+    assert "non-empty directory" in capsys.readouterr().err
+    assert [p.name for p in run.iterdir()] == ["config.json"]
+    # an empty directory is filled, and a cache there is continued as before
+    (tmp_path / "empty").mkdir()
+    assert cache_latents(ds, tmp_path / "empty", IdentityAutoencoder(3), progress=False)["complete"]
+    assert cache_latents(ds, tmp_path / "empty", IdentityAutoencoder(3), progress=False)["complete"]
