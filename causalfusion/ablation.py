@@ -30,6 +30,7 @@ import torch
 from .ar_plan import ARPlanConfig
 from .checkpoint import read_json
 from .files import write_json
+from .sampling import check_seed
 
 if TYPE_CHECKING:  # annotations only; training and evaluation load lazily where they are used
     from .data import Dataset
@@ -348,6 +349,7 @@ def run_suite(name: str, settings: AblationSettings | None = None, out_root: str
     for flag, v, low in (("--batch-size", st.batch_size, 1), ("--eval-n", st.eval_n, 2), ("--eval-steps", st.eval_steps, 1)):
         if v < low:
             raise ValueError(f"{flag} must be >= {low}, got {v}")
+    check_seed(st.seed)  # (the runs' Trainers check it too, but only after OUT/<suite> is made)
     out = Path(out_root) / name
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -29,6 +29,7 @@ S=L is token-by-token AR; any group sizes and any token order work in between.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -44,13 +45,32 @@ SAMPLERS = ("ddpm", "ddim")
 
 
 # ---- per-sample randomness ---------------------------------------------------------------------
+SEED_STRIDE = 1_000_003
+# torch.Generator.manual_seed takes -2**63 .. 2**64 - 1 (past that: "Overflow when unpacking long
+# long"), and sample i is seeded with seed * SEED_STRIDE + i: the seeds that leave room for any
+# index below 2**32. A run's seed samples its grids and evaluations too, so training takes the same.
+SEED_RANGE = (-(2**63 // SEED_STRIDE), (2**64 - 2**32) // SEED_STRIDE - 1)
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """ValueError naming ``flag`` and the range for a seed the generators cannot take."""
+    lo, hi = SEED_RANGE
+    try:
+        value = operator.index(seed)  # Python and numpy integers; not floats, which would lose digits
+    except TypeError:
+        value = None
+    if isinstance(seed, bool) or value is None or not lo <= value <= hi:
+        raise ValueError(f"{flag} must be an integer in {lo}..{hi} (what the random generators take), got {seed!r}")
+
+
 def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:
     """One CPU generator per sample, seeded from the run seed and the sample's global index.
     The CPU generator keeps 32 seed bits, so seed * 1_000_003 + index is read mod 2**32: all pairs
     with seed < 4294 and index < 1_000_003 get distinct streams, and the samples of one seed are
     always distinct; larger seeds can share streams with smaller ones (seed 4295, index 0 draws as
     seed 0, index 45589)."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+    check_seed(seed)
+    return [torch.Generator().manual_seed(int(seed) * SEED_STRIDE + int(i)) for i in indices]
 
 
 def _mix32(x: int) -> int:
@@ -61,7 +81,7 @@ def _mix32(x: int) -> int:
 
 def order_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:
     """Per-sample generators for the random token order, a stream apart from the sample's noise."""
-    return [torch.Generator().manual_seed(_mix32(seed * 1_000_003 + int(i))) for i in indices]
+    return [torch.Generator().manual_seed(_mix32(seed * SEED_STRIDE + int(i))) for i in indices]
 
 
 def per_sample_randn(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:

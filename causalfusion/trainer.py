@@ -28,6 +28,7 @@ from .images import save_grid
 from .models import CausalFusion, ModelConfig
 from .objective import causalfusion_loss, drop_labels
 from .one_step_sampler import sample_one_step
+from .sampling import check_seed
 
 
 @dataclass
@@ -68,8 +69,8 @@ class TrainConfig:
 
 def check_train_settings(cfg, **more_minimums: int) -> None:
     """What every trainer's config must satisfy (TrainConfig, MMTrainConfig): step counts and
-    intervals >= 1, warmup >= 0, a finite positive lr, clip and Adam eps, EMA decay in [0, 1); ``more_minimums``
-    adds integer fields and their lowest value. ValueError naming the flag."""
+    intervals >= 1, warmup >= 0, a finite positive lr, clip and Adam eps, EMA decay in [0, 1), a seed the
+    generators take; ``more_minimums`` adds integer fields and their lowest value. ValueError naming the flag."""
     if not str(cfg.out).strip():  # Path('') is '.': the run would be written into the current directory
         raise ValueError("--out is empty; give a run directory")
     minimums = dict(steps=1, batch_size=1, log_every=1, ckpt_every=1, warmup=0, **more_minimums)
@@ -84,6 +85,7 @@ def check_train_settings(cfg, **more_minimums: int) -> None:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if not (math.isfinite(cfg.adam_eps) and cfg.adam_eps > 0):
         raise ValueError(f"--adam-eps must be a finite number > 0, got {cfg.adam_eps}")
+    check_seed(cfg.seed)
 
 
 # ---- pieces every trainer here shares (Trainer, DistributedTrainer, multimodal MMTrainer) ------

@@ -150,3 +150,32 @@ def test_in_loop_evaluation_of_folder_data_needs_inception_weights_up_front(tmp_
     argv = ["train", "--data", f"folder:{tmp_path / 'imgs'}", "--image-size", "8", "--steps", "1", "--eval-every", "1",
             "--out", str(tmp_path / "run"), *TINY]
     refused(argv, "needs --eval-inception", tmp_path, capsys)
+
+
+HUGE_SEED = str(10**20)  # torch: "Overflow when unpacking long long"
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "digits", "--steps", "1", "--out", "{tmp}/r", *TINY],
+    ["train-mm", "--data", "shapes:train:8", "--steps", "1", "--out", "{tmp}/r", *MM_TINY],
+    ["sample", "--ckpt", "{run}", "--n", "1", "--steps", "1", "--out", "{tmp}/x.png"],
+    ["eval", "--ckpt", "{run}", "--n", "2", "--steps", "1"],
+    ["ablate", "--suite", "order", "--budget", "1", "--out", "{tmp}/a"],  # made OUT/order first
+    ["ablate", "--suite", "multimodal", "--steps", "1", "--out", "{tmp}/a"],  # wrote OUT/multimodal/runs.json first
+])
+def test_a_seed_the_generators_cannot_take_is_refused_naming_the_range(argv, run_dir, tmp_path, capsys):
+    from causalfusion.sampling import SEED_RANGE
+
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv] + ["--seed", HUGE_SEED]
+    refused(argv, f"--seed must be an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}", tmp_path, capsys)
+
+
+def test_the_seed_range_is_what_the_per_sample_generators_take():
+    from causalfusion.sampling import SEED_RANGE, check_seed, sample_generators
+
+    lo, hi = SEED_RANGE
+    sample_generators(lo, [0])  # the ends work, for any sample index below 2**32
+    sample_generators(hi, [2**32 - 1])
+    for bad in (lo - 1, hi + 1, 1.0, True):
+        with pytest.raises(ValueError, match="--seed must be an integer"):
+            check_seed(bad)

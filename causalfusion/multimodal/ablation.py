@@ -30,6 +30,7 @@ from ..ablation import run_dir_for
 from ..ar_plan import ARPlanConfig
 from ..files import write_json
 from ..models import ModelConfig
+from ..sampling import check_seed
 from .objective import TRANSFUSION_IMAGE_PLAN, MixConfig
 
 # name -> (captions read the noised image tokens, CausalFusion's AR plan on images)
@@ -68,6 +69,7 @@ class MMSuiteSettings:
                              ("--eval-n", self.eval_n, 2), ("--eval-steps", self.eval_steps, 1)):
             if v < low:
                 raise ValueError(f"{flag} must be >= {low}, got {v}")
+        check_seed(self.seed)
 
 
 def budget_steps(st: MMSuiteSettings, budget: float) -> int:
