@@ -29,7 +29,7 @@ import torch
 
 from .ar_plan import ARPlanConfig
 from .checkpoint import read_json
-from .files import write_json
+from .files import check_dir_path, write_json
 from .sampling import check_seed
 
 if TYPE_CHECKING:  # annotations only; training and evaluation load lazily where they are used
@@ -350,7 +350,9 @@ def run_suite(name: str, settings: AblationSettings | None = None, out_root: str
         if v < low:
             raise ValueError(f"{flag} must be >= {low}, got {v}")
     check_seed(st.seed)  # (the runs' Trainers check it too, but only after OUT/<suite> is made)
+    check_dir_path(out_root)
     out = Path(out_root) / name
+    check_dir_path(out)  # (OUT/<suite> itself a file)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     code = (git_state(), source_digest())  # the code that runs is the code loaded now

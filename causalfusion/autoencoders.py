@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .files import check_dir_path
+
 KINDS = ("identity", "sd-vae", "kl16")
 WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 # Paper values: SD-VAE scale 0.18215 (Tab. 9), KL-16 scale 0.2325 (MAR, Tab. 10).
@@ -328,6 +330,7 @@ def convert_ldm_vae(src: str | Path, out_dir: str | Path, config: dict | None = 
     diffusers directory that ``--vae kl16 --vae-path OUT`` loads. Returns ``out_dir``."""
     from safetensors.torch import load_file
 
+    check_dir_path(out_dir)  # before the conversion, not at its save
     src = Path(src)
     if src.suffix != ".safetensors":
         raise AutoencoderError(f"{src}: give the weights as .safetensors (see docs/scale_up.md for converting "

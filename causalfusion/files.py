@@ -34,6 +34,18 @@ def write_json(path: str | Path, obj: dict | list, sort_keys: bool = False) -> N
     write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys))
 
 
+def check_dir_path(path: str | Path, flag: str = "--out") -> None:
+    """Refuse (ValueError naming ``flag`` and the path) a directory that cannot be made where it is
+    asked for: an existing file, or a path under one. mkdir says only "[Errno 17] File exists" or
+    "[Errno 20] Not a directory", and only once the work that writes there has begun."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a directory")
+    blocker = next((p for p in path.parents if p.exists()), None)  # the nearest existing ancestor
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"cannot create {flag} {path}: {blocker} is a file, not a directory")
+
+
 class NewFiles:
     """What a directory held before a run started writing into it, so that a run which fails before
     it has anything worth keeping (a fresh training run before its first checkpoint, a latent cache

@@ -35,7 +35,7 @@ from .autoencoders import (LATENT_KEYS, Autoencoder, AutoencoderError, autoencod
                            load_autoencoder, resolve_weights, sample_posterior, weights_digest)
 from .data import Dataset, load_dataset
 from .devices import barrier as process_barrier, finalize_distributed, init_distributed
-from .files import NewFiles, atomic_path, write_json
+from .files import NewFiles, atomic_path, check_dir_path, write_json
 
 FORMAT = "causalfusion-latent-cache"
 VERSION = 1
@@ -132,6 +132,7 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
         "latent_shape": [ae.channels, latent, latent], "flip": bool(flip), "posterior": posterior, "dtype": dtype,
         "shard_size": shard_size, "shards": plan_shards(len(dataset), shard_size), "complete": False,
     }
+    check_dir_path(out)
     path = out / INDEX
     if not path.exists() and out.is_dir() and any(out.iterdir()):
         # e.g. a training run: index.json and the shards went in among its files
@@ -332,6 +333,7 @@ def cache_dataset(data: str, out: str | Path, *, image_size: int | None = None, 
     ranks under torchrun). Returns the finished index on rank 0, None on the other ranks."""
     if data.startswith("latents:"):
         raise CacheError("--data is already a latent cache")
+    check_dir_path(out)  # before the data and the VAE load (cache_latents checks it again, for Python callers)
     ds = load_dataset(data, image_size, channels)
     env = init_distributed(device)
     ae = load_autoencoder(vae or "identity", vae_path, channels=ds.channels, device=device)

@@ -23,7 +23,7 @@ from .checkpoint import (CheckpointError, check_same_config, load_training_state
 from .data import BatchStream, Dataset, load_dataset
 from .devices import check_precision
 from .diffusion import Diffusion
-from .files import NewFiles, write_text
+from .files import NewFiles, check_dir_path, write_text
 from .images import save_grid
 from .models import CausalFusion, ModelConfig
 from .objective import causalfusion_loss, drop_labels
@@ -137,6 +137,7 @@ def check_run_dir(out: Path, resume: bool) -> None:
     """Refuse to train over an existing run without --resume, or to resume a run that is not there."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file, not a run directory")
+    check_dir_path(out)  # (under a file: "[Errno 20] Not a directory" at writing config.json)
     has_ckpt = (out / "state.json").exists()
     if has_ckpt and not resume:
         raise CheckpointError(f"{out} already holds a checkpoint; pass --resume (Python: resume=True) to continue it "

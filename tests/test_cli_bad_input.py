@@ -179,3 +179,21 @@ def test_the_seed_range_is_what_the_per_sample_generators_take():
     for bad in (lo - 1, hi + 1, 1.0, True):
         with pytest.raises(ValueError, match="--seed must be an integer"):
             check_seed(bad)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--data", "digits", "--steps", "1", *TINY, "--out", "{file}/run"], "cannot create --out {file}/run: {file} is a file"),
+    (["train-mm", "--data", "shapes:train:8", "--steps", "1", *MM_TINY, "--out", "{file}/run"], "{file} is a file"),
+    (["demo", "--out", "{file}/run"], "cannot create --out {file}/run: {file} is a file"),
+    (["cache-latents", "--data", "digits", "--out", "{file}/c"], "cannot create --out {file}/c: {file} is a file"),
+    (["cache-latents", "--data", "digits", "--out", "{file}"], "--out {file} is a file, not a directory"),
+    (["ablate", "--suite", "order", "--budget", "1", "--out", "{file}"], "--out {file} is a file, not a directory"),
+    (["ablate", "--suite", "multimodal", "--steps", "1", "--out", "{file}"], "cannot create --out {file}/multimodal"),
+    (["convert-vae", "--ldm", "{tmp}/kl16.safetensors", "--out", "{file}/vae"], "cannot create --out {file}/vae"),
+])
+def test_an_output_directory_under_a_file_names_the_path(argv, needle, tmp_path, capsys):
+    """mkdir's "[Errno 20] Not a directory" / "[Errno 17] File exists" named neither --out nor the file in the way."""
+    file = tmp_path / "file"
+    file.write_text("x")
+    fmt = dict(file=file, tmp=tmp_path)
+    refused([a.format(**fmt) for a in argv], needle.format(**fmt), tmp_path, capsys)

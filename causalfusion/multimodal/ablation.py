@@ -28,7 +28,7 @@ import torch
 
 from ..ablation import run_dir_for
 from ..ar_plan import ARPlanConfig
-from ..files import write_json
+from ..files import check_dir_path, write_json
 from ..models import ModelConfig
 from ..sampling import check_seed
 from .objective import TRANSFUSION_IMAGE_PLAN, MixConfig
@@ -184,6 +184,8 @@ def run_suite(out_dir: str | Path, report: str | Path, settings: MMSuiteSettings
     st = settings or MMSuiteSettings()
     st.validate()
     out_dir, report = Path(out_dir), Path(report)
+    check_dir_path(out_dir)
+    check_dir_path(report.parent)
     extractor = ShapesExtractor(16)
     results, grids, curves, caps = {}, {}, {}, {}
     images, truths, _ = make_shapes("test", 6, 16, seed=0)
