@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .autoencoders import Autoencoder, autoencoder_from_spec
+from .autoencoders import KINDS, Autoencoder, autoencoder_from_spec
 from .devices import check_device
 from .files import atomic_path, write_json
 from .models import CausalFusion, ModelConfig
@@ -244,9 +244,25 @@ def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device
     return load_weights(run_dir, model, ema).to(device).eval()
 
 
+def check_autoencoder_entry(run_dir: str | Path, config: dict) -> None:
+    """config.json's "autoencoder" (None: pixels) is one ``autoencoder_from_spec`` can rebuild: a
+    hand-edited ``channels: "x"`` failed with "invalid literal for int()", naming no file."""
+    spec = config.get("autoencoder")
+    if spec is None:
+        return
+    where = Path(run_dir) / "config.json"
+    if not isinstance(spec, dict) or spec.get("kind", "identity") not in KINDS:
+        raise CheckpointError(f"{where}: autoencoder must be an object with a kind in {', '.join(KINDS)}, got {spec!r}")
+    for key in ("channels", "image_channels", "downsample", "image_size"):
+        v = spec.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise CheckpointError(f"{where}: autoencoder.{key} must be a positive integer, got {v!r}")
+
+
 def run_autoencoder(run_dir: str | Path, path: str | Path | None = None, device: str | torch.device = "cpu") -> Autoencoder:
     """The autoencoder recorded in a run directory's config.json (identity for pixel-space runs)."""
     config = read_config(run_dir)
+    check_autoencoder_entry(run_dir, config)
     spec = config.get("autoencoder")
     if spec is None:
         spec = {"kind": "identity", "channels": config.get("model", {}).get("in_channels", 3)}

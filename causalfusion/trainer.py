@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .ar_plan import ARPlanConfig
-from .checkpoint import (CheckpointError, check_same_config, load_training_state, read_config, save_checkpoint,
-                         write_config)
+from .checkpoint import (CheckpointError, check_autoencoder_entry, check_same_config, load_training_state, read_config,
+                         save_checkpoint, write_config)
 from .data import BatchStream, Dataset, load_dataset
 from .devices import check_precision
 from .diffusion import Diffusion
@@ -225,6 +225,7 @@ class Trainer:
 
     def _restore(self) -> None:
         saved = read_config(self.out)
+        check_autoencoder_entry(self.out, saved)  # (its grids decode through it, after the first checkpoint)
         scale = saved.get("scale") or {}
         if not self._config_sections() and (scale.get("grad_accum", 1) != 1 or scale.get("strategy", "ddp") != "ddp"):
             # another summation of the gradient than the run's (and config.json would keep claiming it)

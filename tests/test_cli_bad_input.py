@@ -197,3 +197,20 @@ def test_an_output_directory_under_a_file_names_the_path(argv, needle, tmp_path,
     file.write_text("x")
     fmt = dict(file=file, tmp=tmp_path)
     refused([a.format(**fmt) for a in argv], needle.format(**fmt), tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--ckpt", "{run}", "--n", "1", "--steps", "1", "--out", "{tmp}/x.png"],
+    ["eval", "--ckpt", "{run}", "--n", "2", "--steps", "1"],
+    ["train", "--out", "{run}", "--resume", "--steps", "2", "--sample-every", "1", "--no-progress"],  # failed at its grid
+])
+def test_a_non_integer_autoencoder_channels_names_config_json(argv, run_dir, tmp_path, capsys):
+    """A hand-edited autoencoder.channels failed with "invalid literal for int() with base 10: 'x'"."""
+    import json
+    import shutil
+
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "autoencoder": {"kind": "identity", "channels": "x"}}))
+    argv = [a.format(run=run, tmp=tmp_path) for a in argv]
+    refused(argv, f"{run / 'config.json'}: autoencoder.channels must be a positive integer, got 'x'", tmp_path, capsys)
