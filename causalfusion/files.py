@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -49,42 +50,33 @@ def check_dir_path(path: str | Path, flag: str = "--out") -> None:
 class NewFiles:
     """What a directory held before a run started writing into it, so that a run which fails before
     it has anything worth keeping (a fresh training run before its first checkpoint, a latent cache
-    before its first shard) can take back exactly what it added, and no more: files and folders that
-    were there stay, and the directory itself goes only if this run created it (with any parents it
-    had to create)."""
+    before its first shard) can take back what it added: the directory itself if this run created it
+    (with any parents it had to create), else only the top-level entries among ``names`` (the files
+    and folders such a run writes; None: any) that were not there before. An existing directory is
+    never swept wholesale: ``--out .`` may share it with files other programs write meanwhile."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, names: Iterable[str] | None = None) -> None:
         self.root = Path(root)
+        self.names = None if names is None else frozenset(names)
         # the outermost directory the run will create (None: root exists already)
         self.created: Path | None = None
         for p in (self.root, *self.root.parents):
             if p.exists():
                 break
             self.created = p
-        self.before: set[str] = set() if self.created else _all_paths(self.root)
+        self.before: set[str] = set() if self.created else {p.name for p in self.root.iterdir()}
 
     def remove(self) -> None:
-        """Delete what was added under ``root`` since ``__init__`` (best effort: a file another
-        process holds open or a missing permission is left, as cleaning up must not hide the error
-        that stopped the run)."""
-        import shutil
-
+        """Delete what was added since ``__init__`` (best effort: a file another process holds open or
+        a missing permission is left, as cleaning up must not hide the error that stopped the run)."""
         if self.created is not None:
             shutil.rmtree(self.created, ignore_errors=True)
             return
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            for name in list(dirnames):
-                p = os.path.join(dirpath, name)
-                if p not in self.before:
-                    shutil.rmtree(p, ignore_errors=True)
-                    dirnames.remove(name)  # gone; nothing to walk into
-            for name in filenames:
-                p = os.path.join(dirpath, name)
-                if p not in self.before:
-                    with suppress(OSError):
-                        os.unlink(p)
-
-
-def _all_paths(root: Path) -> set[str]:
-    """Every path under ``root`` (as os.walk spells it), directories included."""
-    return {os.path.join(d, n) for d, dirs, files in os.walk(root) for n in (*dirs, *files)}
+        for p in self.root.iterdir():
+            if p.name in self.before or (self.names is not None and p.name not in self.names):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with suppress(OSError):
+                    p.unlink()

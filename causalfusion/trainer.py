@@ -211,7 +211,7 @@ class Trainer:
         if self.resume:
             self._restore()
         elif self.is_main:
-            self._new_files = NewFiles(self.out)  # before the first write: what train() takes back if it fails early
+            self._new_files = NewFiles(self.out, RUN_FILES)  # before the first write: what train() takes back if it fails early
             write_config(self.out, config)
 
     @property
@@ -344,6 +344,13 @@ class Trainer:
                     cb(self, last)
             bar.close()
         return last
+
+
+# what a training run writes at the top of its directory (the multimodal trainer adds tokenizer.json):
+# the only entries a fresh run that failed before its first checkpoint takes back from a directory it
+# did not create (``discard_unsaved``)
+RUN_FILES = ("config.json", "log.csv", "eval.csv", "tb", "samples", "model.safetensors", "ema.safetensors",
+             "train.safetensors", "state.json")
 
 
 def discard_unsaved(new_files: NewFiles | None, out: Path) -> None:

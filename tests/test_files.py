@@ -1,11 +1,12 @@
-"""Atomic writes: a failed write leaves the old file and no temporary behind."""
+"""Atomic writes: a failed write leaves the old file and no temporary behind; NewFiles takes back
+only what a failed run wrote."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from causalfusion.files import atomic_path, write_json
+from causalfusion.files import NewFiles, atomic_path, write_json
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
@@ -42,3 +43,26 @@ def test_replace_is_atomic(tmp_path):
 def test_write_json_creates_the_missing_directory(tmp_path):
     write_json(tmp_path / "new" / "dir" / "rows.json", [1, 2])
     assert json.loads((tmp_path / "new" / "dir" / "rows.json").read_text()) == [1, 2]
+
+
+def test_new_files_takes_back_only_the_runs_own_entries(tmp_path):
+    """In a directory the run did not create, only the names a run writes go, and only those that
+    were not there: a file another program added meanwhile (``--out .``) and older files stay."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "log.csv").write_text("an older log")
+    undo = NewFiles(tmp_path, ("config.json", "log.csv", "tb"))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events").write_text("")
+    (tmp_path / "editor.swp").write_text("another program's")
+    undo.remove()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["editor.swp", "log.csv", "notes.txt"]
+    assert (tmp_path / "log.csv").read_text() == "an older log"
+
+
+def test_new_files_removes_a_directory_it_created_with_its_new_parents(tmp_path):
+    undo = NewFiles(tmp_path / "a" / "b", ("config.json",))
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "config.json").write_text("{}")
+    undo.remove()
+    assert list(tmp_path.iterdir()) == []

@@ -21,14 +21,14 @@ from ..checkpoint import (CheckpointError, check_same_config, load_training_stat
                           read_run_config, save_checkpoint, trained_order, write_config)
 from ..devices import check_precision
 from ..diffusion import Diffusion
-from ..models import ModelConfig
 from ..files import NewFiles
-from ..trainer import (PendingConfig, adamw, apply_gradients, check_finite, check_resume_step, check_run_dir,
+from ..models import ModelConfig
+from ..trainer import (RUN_FILES, PendingConfig, adamw, apply_gradients, check_finite, check_resume_step, check_run_dir,
                        check_train_settings, discard_unsaved, ema_decay_at, set_lr, trim_log, warmup_lr)
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
 from .objective import MixConfig, multimodal_loss
-from .tokenizer import MIN_BPE_VOCAB, TextTokenizer, train_bpe
+from .tokenizer import FILE_NAME as TOKENIZER_FILE, MIN_BPE_VOCAB, TextTokenizer, train_bpe
 
 KIND = "multimodal"
 
@@ -118,7 +118,8 @@ class MMTrainer:
             self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
             self._new_config = PendingConfig(self.out, saved, config["train"])
         else:
-            self._new_files = NewFiles(self.out)  # before the first write: what train() takes back if it fails early
+            # before the first write: what train() takes back if it fails early
+            self._new_files = NewFiles(self.out, (*RUN_FILES, TOKENIZER_FILE))
             write_config(self.out, config)
             self.tokenizer.save(self.out)
 
