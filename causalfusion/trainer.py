@@ -130,7 +130,8 @@ def apply_gradients(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.opt
 
 def check_finite(loss: torch.Tensor, step: int) -> None:
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint left as it was)")
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping "
+                                 "(the last checkpoint, if any, is left as it was)")
 
 
 def check_run_dir(out: Path, resume: bool) -> None:

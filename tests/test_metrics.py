@@ -298,14 +298,15 @@ def test_inception_missing_or_corrupt_weights(tmp_path):
 
 
 def test_damaged_reference_files_are_one_clear_line(tmp_path):
-    """A truncated .npz, a bare .npy and an object array each name the file, in one line."""
+    """A truncated .npz, a bare .npy, an object array and a text file each name the file, in one line."""
     good = tmp_path / "ref.npz"
     np.savez(good, mu=np.zeros(3), sigma=np.eye(3))
     (tmp_path / "trunc.npz").write_bytes(good.read_bytes()[:40])
     np.save(tmp_path / "arr.npy", np.zeros(3))
     np.savez(tmp_path / "obj.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(1))
+    (tmp_path / "text.npz").write_text("mu, sigma\n")  # np.load takes it for a pickle
     for name, why in (("trunc.npz", "not a readable .npz"), ("arr.npy", "not an .npz archive"),
-                      ("obj.npz", r"pickled objects \(refused\)")):
+                      ("obj.npz", r"pickled objects \(refused\)"), ("text.npz", "not a NumPy file")):
         with pytest.raises(ValueError, match=why) as err:
             load_reference_stats(tmp_path / name)
         assert name in str(err.value) and len(str(err.value).splitlines()) == 1

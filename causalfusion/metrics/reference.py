@@ -75,6 +75,12 @@ def load_reference_stats(path: str | Path) -> ReferenceStats:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    # np.load takes any file that is neither zip nor .npy for a pickle ("holds pickled objects" for a
+    # text file): tell the two apart first
+    if not magic.startswith((b"PK\x03\x04", b"\x93NUMPY")):
+        raise ValueError(f"{path} is not a reference-statistics .npz: not a NumPy file (no zip or .npy header)")
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
