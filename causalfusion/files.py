@@ -51,7 +51,7 @@ class NewFiles:
     """What a directory held before a run started writing into it, so that a run which fails before
     it has anything worth keeping (a fresh training run before its first checkpoint, a latent cache
     before its first shard) can take back what it added: the directory itself if this run created it
-    (with any parents it had to create), else only the top-level entries among ``names`` (the files
+    (and the parents it had to create, once they are empty), else only the top-level entries among ``names`` (the files
     and folders such a run writes; None: any) that were not there before. An existing directory is
     never swept wholesale: ``--out .`` may share it with files other programs write meanwhile."""
 
@@ -70,7 +70,16 @@ class NewFiles:
         """Delete what was added since ``__init__`` (best effort: a file another process holds open or
         a missing permission is left, as cleaning up must not hide the error that stopped the run)."""
         if self.created is not None:
-            shutil.rmtree(self.created, ignore_errors=True)
+            shutil.rmtree(self.root, ignore_errors=True)
+            # the new parents only while empty: runs started together into one new folder (a sweep's
+            # --out sweep/a, --out sweep/b) all find it missing, and the run beside this one is not ours
+            for p in self.root.parents:
+                if p == self.created.parent:
+                    break
+                try:
+                    p.rmdir()
+                except OSError:  # not empty (or gone): it and everything above it stay
+                    break
             return
         for p in self.root.iterdir():
             if p.name in self.before or (self.names is not None and p.name not in self.names):

@@ -66,3 +66,16 @@ def test_new_files_removes_a_directory_it_created_with_its_new_parents(tmp_path)
     (tmp_path / "a" / "b" / "config.json").write_text("{}")
     undo.remove()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_new_files_keeps_what_another_run_wrote_in_a_parent_both_created(tmp_path):
+    """Two runs started together into a new folder (a sweep: --out sweep/a, --out sweep/b) both see
+    sweep/ missing; when one fails early it takes back its own directory and the parents that are
+    left empty, never the other run's files beside it."""
+    undo = NewFiles(tmp_path / "sweep" / "a", ("config.json",))
+    (tmp_path / "sweep" / "a").mkdir(parents=True)
+    (tmp_path / "sweep" / "a" / "config.json").write_text("{}")
+    (tmp_path / "sweep" / "b").mkdir()
+    (tmp_path / "sweep" / "b" / "state.json").write_text("{}")  # the other run's checkpoint
+    undo.remove()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["sweep", "sweep/b", "sweep/b/state.json"]
