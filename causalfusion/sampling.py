@@ -81,7 +81,7 @@ def _mix32(x: int) -> int:
 
 def order_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:
     """Per-sample generators for the random token order, a stream apart from the sample's noise."""
-    return [torch.Generator().manual_seed(_mix32(seed * SEED_STRIDE + int(i))) for i in indices]
+    return [torch.Generator().manual_seed(_mix32(int(seed) * SEED_STRIDE + int(i))) for i in indices]
 
 
 def per_sample_randn(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:

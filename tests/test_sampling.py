@@ -376,3 +376,15 @@ def test_generation_path_shows_samples_spread_over_the_batch():
     images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 2, 2)
     path.add(images, torch.zeros(5, 1, 2, 2, dtype=torch.bool), 0, 1, 0)
     assert path.frames[0][0][:, 0, 0, 0].tolist() == [0.0, 4.0]  # the first and the last, not the first two
+
+
+def test_a_numpy_integer_seed_samples_as_the_same_python_int():
+    """check_seed takes numpy integers (a seed read from an array, say); the random token order's
+    generators took them to torch unconverted ("an integer is required")."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = CausalFusion(tiny_config(in_channels=1)).eval()
+    kw = dict(ar_steps=2, steps=2, order="random")
+    want = sampling.sample(model, torch.tensor([0, 1]), seed=7, **kw)
+    assert torch.equal(sampling.sample(model, torch.tensor([0, 1]), seed=np.int64(7), **kw), want)
