@@ -51,9 +51,10 @@ class NewFiles:
     """What a directory held before a run started writing into it, so that a run which fails before
     it has anything worth keeping (a fresh training run before its first checkpoint, a latent cache
     before its first shard) can take back what it added: the directory itself if this run created it
-    (and the parents it had to create, once they are empty), else only the top-level entries among ``names`` (the files
-    and folders such a run writes; None: any) that were not there before. An existing directory is
-    never swept wholesale: ``--out .`` may share it with files other programs write meanwhile."""
+    (and the parents it had to create, once they are empty), else only the top-level entries among
+    ``names`` (the files and folders such a run writes; None: any) that were not there before. An
+    existing directory is never swept wholesale: ``--out .`` may share it with files other programs
+    write meanwhile."""
 
     def __init__(self, root: str | Path, names: Iterable[str] | None = None) -> None:
         self.root = Path(root)
