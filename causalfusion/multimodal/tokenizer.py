@@ -85,7 +85,11 @@ class TextTokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True).strip()
+        """Ids -> text without <bos>/<eos>/<pad>. They are dropped here by id, not only through
+        ``skip_special_tokens``: a user tokenizer.json may hold them as plain vocabulary entries
+        (not "special" added tokens), and a caption that samples one would print it verbatim."""
+        control = {self.bos, self.eos, self.pad}
+        return self.tok.decode([i for i in ids if i not in control], skip_special_tokens=True).strip()
 
     def slot(self, ids: list[int], text_len: int) -> tuple[list[int], int]:
         """[<bos> ids <eos> <pad>...] of length ``text_len`` and the number of real tokens.
