@@ -32,3 +32,15 @@ def test_trained_bpe_decode_has_no_control_tokens():
     tok = train_bpe(["a red circle at the top left"] * 4, 300)
     ids = [tok.bos] + tok.encode("a red circle") + [tok.pad, tok.eos, tok.pad]
     assert tok.decode(ids) == "a red circle"
+
+
+def test_literal_control_token_text_is_not_a_control_token():
+    tok = train_bpe(["a red circle at the top left"] * 4, 300)
+    ids, lens = tok.batch(["a red <eos> circle <pad> <bos> at the top"], 20)
+    real = ids[0, :lens[0]].tolist()
+    # <bos> first, <eos> last, and no control id in between (the caption goes on past "<eos>")
+    assert real[0] == tok.bos and real[-1] == tok.eos
+    assert not {tok.bos, tok.eos, tok.pad} & set(real[1:-1])
+    assert tok.decode(real).split() == "a red circle at the top".split()  # the surrounding spaces stay
+    with pytest.raises(ValueError, match="no text tokens"):
+        tok.prompt("<eos>", 20)

@@ -81,8 +81,13 @@ class TextTokenizer:
 
     # ---- encoding --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        """Content token ids, no special tokens (a LLaMA-3 file would add <|begin_of_text|> itself)."""
-        return self.tok.encode(text, add_special_tokens=False).ids
+        """Content token ids, no special tokens (a LLaMA-3 file would add <|begin_of_text|> itself).
+
+        ``tokenizers`` matches added tokens in the raw text even with ``add_special_tokens=False``,
+        so a caption or prompt that contains the literal text "<eos>" would get an <eos> id in the
+        middle (training: the model learns to stop there). Control ids are dropped here."""
+        control = {self.bos, self.eos, self.pad}
+        return [i for i in self.tok.encode(text, add_special_tokens=False).ids if i not in control]
 
     def decode(self, ids: list[int]) -> str:
         """Ids -> text without <bos>/<eos>/<pad>. They are dropped here by id, not only through
@@ -109,6 +114,8 @@ class TextTokenizer:
         if not text or not text.strip():
             raise ValueError("empty prompt: describe the image, e.g. \"a red circle at the top left\"")
         ids = self.encode(text.strip())
+        if not ids:  # e.g. "<eos>": only control-token text, which encode drops
+            raise ValueError(f"prompt {text.strip()!r} has no text tokens")
         if len(ids) > text_len - 2:
             raise ValueError(f"prompt is {len(ids)} tokens; this model takes at most {text_len - 2} "
                              f"({text_len} with <bos> and <eos>)")
