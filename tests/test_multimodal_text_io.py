@@ -44,3 +44,12 @@ def test_literal_control_token_text_is_not_a_control_token():
     assert tok.decode(real).split() == "a red circle at the top".split()  # the surrounding spaces stay
     with pytest.raises(ValueError, match="no text tokens"):
         tok.prompt("<eos>", 20)
+
+
+def test_caption_file_errors_name_the_file(tmp_path):
+    (tmp_path / "bin.jsonl").write_bytes(b'{"image": "a.png", "caption": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"bin\.jsonl is not UTF-8"):
+        load_jsonl(tmp_path / "bin.jsonl")
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"deep\.jsonl:1: expected"):
+        load_jsonl(tmp_path / "deep.jsonl")

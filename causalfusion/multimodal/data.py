@@ -47,15 +47,19 @@ def load_jsonl(path: str | Path, image_size: int = 16) -> CaptionDataset:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"caption file {path} not found")
+    try:  # read_text's UnicodeDecodeError names neither the file nor what it should be
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (a JSONL of captions): {e.reason} at byte {e.start}") from None
     images, captions = [], []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
+        try:  # RecursionError: json's own error for deeply nested arrays, a traceback otherwise
             rec = json.loads(line)
             caps = rec["captions"] if "captions" in rec else [rec["caption"]]
             file = path.parent / rec["image"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"{path}:{i}: expected {{\"image\": ..., \"caption(s)\": ...}} ({e})") from None
         if isinstance(caps, str):  # "captions": "a red circle" is one caption, not 12 one-letter ones
             caps = [caps]
