@@ -391,3 +391,15 @@ def test_a_cache_path_that_is_a_file_is_named(tmp_path, monkeypatch):
         default_cache_dir()
     monkeypatch.setenv("CAUSALFUSION_CACHE", str(tmp_path / "d"))
     assert default_cache_dir() == tmp_path / "d"
+
+
+def test_inception_gives_no_class_accuracy_for_dataset_labels(fid_weights):
+    """Inception's logits are ImageNet's (1008 TF-graph outputs in their own order): argmax == a
+    folder's or digits' label id is a meaningless number, and `eval` printed it as 'accuracy'."""
+    from causalfusion.metrics import evaluate
+
+    ext = InceptionExtractor(fid_weights[0], batch_size=4)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    ref = ReferenceStats(np.zeros(2048), np.eye(2048), extractor=ext.name)
+    m = evaluate(images, np.array([0, 1, 0, 1]), ext, ref, layout="NHWC")
+    assert "accuracy" not in m and np.isfinite(m["fid"]) and m["inception_score"] >= 1.0

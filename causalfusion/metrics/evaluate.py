@@ -26,7 +26,8 @@ def evaluate(images: ImageBatch, labels: np.ndarray | torch.Tensor | None, extra
 
     Returns ``fid``, ``inception_score`` / ``inception_score_std`` (over ``min(is_splits, N)``
     splits), ``precision`` / ``recall`` (only if the reference holds features), ``accuracy`` (only
-    if labels are given) and ``num_samples``.
+    if labels are given and the extractor classifies the data's own classes, ``reads_data_labels``:
+    not Inception) and ``num_samples``.
     """
     ref = reference if isinstance(reference, ReferenceStats) else load_reference_stats(reference)
     if ref.extractor is not None and ref.extractor != extractor.name:
@@ -47,6 +48,6 @@ def evaluate(images: ImageBatch, labels: np.ndarray | torch.Tensor | None, extra
         # k-NN distances on the extractor's device: O(N^2 D) work that a GPU does far faster
         out["precision"], out["recall"] = precision_recall(ref.features, feats, k=pr_k, batch_size=pr_batch_size,
                                                            device=extractor.device)
-    if labels is not None:
+    if labels is not None and extractor.reads_data_labels:
         out["accuracy"] = class_accuracy(logits, labels)
     return out

@@ -21,6 +21,9 @@ class FeatureExtractor(abc.ABC):
     name: str
     num_features: int
     num_classes: int
+    # whether the logits are over the *data's* classes, so that "does it read the requested label"
+    # (class accuracy) means something; an ImageNet classifier scoring folder / digit labels does not
+    reads_data_labels: bool = True
 
     def __init__(self, device: torch.device | str = "cpu", batch_size: int = 64):
         self.device = torch.device(device)

@@ -277,7 +277,12 @@ class InceptionExtractor(FeatureExtractor):
     ``weights_path`` defaults to ``<cache dir>/pt_inception-2015-12-05-6726825d.pth`` (cache dir:
     $CAUSALFUSION_CACHE or ~/.cache/causalfusion). Images of any size are resized to 299x299;
     grayscale is repeated to RGB.
+
+    No class accuracy: the logits are ImageNet's (the TF graph's 1008 outputs are not even in the
+    0..999 order of ImageNet labels), so comparing them with a dataset's label ids is meaningless.
     """
+
+    reads_data_labels = False
 
     def __init__(self, weights_path: str | Path | None = None, device: torch.device | str = "cpu",
                  batch_size: int = 32, variant: str = "auto"):
