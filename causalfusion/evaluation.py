@@ -95,6 +95,8 @@ def load_samples_npz(path: str | Path, image_shape: tuple[int, int, int] | None 
                      num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(images uint8 [N, H, W, C], labels int64 [N] or None) of an ADM sample file, checked.
 
+    Labels are ``labels`` or, as ADM's sampling script writes them, ``arr_1``.
+
     ``image_shape`` (H, W, C) is required when given (digits: 8x8x1); labels must match N and lie
     in 0..num_classes-1. Every problem is a ValueError with one line.
     """
@@ -111,7 +113,10 @@ def load_samples_npz(path: str | Path, image_shape: tuple[int, int, int] | None 
                 raise ValueError(f"{path} has no 'arr_0' (images); found {sorted(files) or 'nothing'}. "
                                  f"Expected ADM format: arr_0 uint8 [N, H, W, C], optional labels [N]")
             images = f["arr_0"]
-            labels = f["labels"] if "labels" in files else None
+            # ADM's image_sample.py saves np.savez(path, images, labels): its labels are arr_1
+            label_key = "labels" if "labels" in files else "arr_1" if "arr_1" in files else None
+            labels = f[label_key] if label_key else None
+            what = "labels" if label_key == "labels" else "arr_1 (labels)"  # names the array in errors
     except ValueError as e:
         if "arr_0" in str(e):
             raise
@@ -129,9 +134,9 @@ def load_samples_npz(path: str | Path, image_shape: tuple[int, int, int] | None 
         raise ValueError(f"{path}: need at least 2 images, got {len(images)}")
     if labels is not None:
         if labels.ndim != 1 or len(labels) != len(images):
-            raise ValueError(f"{path}: labels has shape {list(labels.shape)} but there are {len(images)} images")
+            raise ValueError(f"{path}: {what} has shape {list(labels.shape)} but there are {len(images)} images")
         if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{path}: labels must be integers, got dtype {labels.dtype}")
+            raise ValueError(f"{path}: {what} must be integers, got dtype {labels.dtype}")
         labels = labels.astype(np.int64)
         if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"{path}: labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")

@@ -276,3 +276,14 @@ def test_probe_features_and_separable_case(run_dir):
     idx = np.random.default_rng(0).permutation(80)
     tr, te = idx[:60], idx[60:]
     assert fit_probe(feats[tr], y[tr], feats[te], y[te])["accuracy"] == 1.0
+
+
+def test_adm_sample_file_labels_are_arr_1(tmp_path):
+    """ADM's image_sample.py writes np.savez(path, images, labels): the labels are arr_1, not 'labels'."""
+    images, labels = _digits_u8("test")
+    np.savez(tmp_path / "adm.npz", images[:20], labels[:20])
+    got_images, got_labels = load_samples_npz(tmp_path / "adm.npz", (8, 8, 1), 10)
+    assert np.array_equal(got_images, images[:20]) and np.array_equal(got_labels, labels[:20])
+    np.savez(tmp_path / "bad.npz", images[:20], labels[:19])
+    with pytest.raises(ValueError, match=r"arr_1 \(labels\) has shape"):
+        load_samples_npz(tmp_path / "bad.npz", (8, 8, 1), 10)
