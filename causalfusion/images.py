@@ -11,7 +11,13 @@ from .files import atomic_path
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (what the ADM evaluator reads)."""
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (what the ADM evaluator reads).
+
+    Rounds to the nearest level after clamping. ADM's image_sample.py truncates instead
+    (``((x + 1) * 127.5).clamp(0, 255).to(uint8)``), DiT's sample_ddp.py rounds (``+ 128.0`` then
+    truncate). Truncation darkens every pixel by half a level on average; measured on the digits
+    test split (+ noise) against the train reference it moves FID by ~0.03, far below sampling noise.
+    """
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
