@@ -4,7 +4,10 @@ configurations with one equal budget, evaluate each at several S_eval, write a M
 Equal budget: every configuration of a suite trains the same number of steps on batches of the
 same size (Tab. 7's "4x t" uses batch/4 with 4 timesteps per image, so the number of noisy tokens
 per step stays equal, as in the paper), from the same seed, with the same model and optimiser,
-and is evaluated on the same balanced labels with the same sampling seed. ``--budget SECONDS``
+and is evaluated on the same balanced labels with the same sampling seed. The batches themselves
+are equal only through the first epoch: one generator shuffles the data and draws the AR plans and
+noise, so configurations that draw different amounts of randomness (raster vs random order, fixed
+vs random S) shuffle later epochs differently (same distribution, other draws). ``--budget SECONDS``
 only picks that step count: it times a few steps of every configuration and a small evaluation,
 then solves for the steps that fit the wall-clock budget. The choice is stored in
 ``<out>/suite.json``, so an interrupted suite resumes with the same steps.

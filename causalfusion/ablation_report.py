@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import math
 import subprocess
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def metric_table(results: list[dict], s_eval, metric: str, spec: str, best=min) 
     bests = {}
     for s in s_eval:
         vals = [val.get((res["label"], s)) for res in results]
-        vals = [v for v in vals if v is not None]
+        # NaN out: min/max against a NaN depend on the order (min([nan, 3.0]) is nan), so a
+        # diverged config listed first left the column with no bold at all
+        vals = [v for v in vals if v is not None and not math.isnan(v)]
         bests[s] = best(vals) if vals and len(results) > 1 else None
 
     def cell(label, s):

@@ -196,3 +196,15 @@ def test_a_damaged_suite_file_is_one_line_naming_it(cache, tmp_path):
     (tmp_path / "code.json").write_text('{"commit": "x"}')  # an object, not the list of invocations
     with pytest.raises(ValueError, match=r"code.json is corrupt \(not a list of objects\)"):
         _read_code(tmp_path)
+
+
+def test_bold_marks_the_best_finite_value_in_its_direction():
+    from causalfusion.ablation_report import metric_table
+
+    def res(label: str, v: float) -> dict:
+        return {"label": label, "rows": [{"ar_steps": 1, "fid": v, "accuracy": v}]}
+
+    fid = metric_table([res("a", float("nan")), res("b", 3.0), res("c", 5.0)], (1,), "fid", ".2f", min)
+    assert fid[2:] == ["| a | nan |", "| b | **3.00** |", "| c | 5.00 |"]  # lower FID is better
+    acc = metric_table([res("a", 0.5), res("b", float("nan")), res("c", 0.9)], (1,), "accuracy", ".3f", max)
+    assert acc[2:] == ["| a | 0.500 |", "| b | nan |", "| c | **0.900** |"]  # higher accuracy is better
