@@ -333,6 +333,23 @@ def run_config(st: AblationSettings, cfg: AblationConfig, out: Path, steps: int,
     return res
 
 
+def check_budget(budget: float) -> None:
+    """--budget: a finite number of seconds > 0 (NaN fails every comparison, so it is tested as
+    "inside", not "not outside": it used to pass and fail at int() after OUT/<suite> was made)."""
+    if not 0 < budget < float("inf"):
+        raise ValueError(f"--budget must be > 0 seconds, got {budget}")
+
+
+def check_suite_counts(batch_size: int, eval_n: int, eval_steps: int, seed: int, steps: int | None = None) -> None:
+    """The counts every suite's runs need (both suites: this one and ``multimodal.ablation``), checked
+    before anything is trained or written; ``steps`` None: chosen from --budget later."""
+    for flag, v, low in (("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--eval-n", eval_n, 2),
+                         ("--eval-steps", eval_steps, 1)):
+        if v is not None and v < low:
+            raise ValueError(f"{flag} must be >= {low}, got {v}")
+    check_seed(seed)  # (the runs' Trainers check it too, but only after OUT/<suite> is made)
+
+
 def run_suite(name: str, settings: AblationSettings | None = None, out_root: str | Path = "runs/ablate",
               configs: list[str] | None = None, command: str | None = None, log=print) -> Path:
     """Run (or continue) suite ``name``; write ``<out_root>/<name>/report.md`` and ``<name>.png``."""
@@ -345,14 +362,9 @@ def run_suite(name: str, settings: AblationSettings | None = None, out_root: str
     s_eval = tuple(st.s_eval or suite.s_eval)
     if (st.steps is None) == (st.budget is None):
         raise ValueError("give exactly one of --steps (per config) and --budget (seconds for the suite)")
-    if st.steps is not None and st.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {st.steps}")
-    if st.budget is not None and not 0 < st.budget < float("inf"):  # NaN: a ValueError from int() after mkdir
-        raise ValueError(f"--budget must be > 0 seconds, got {st.budget}")
-    for flag, v, low in (("--batch-size", st.batch_size, 1), ("--eval-n", st.eval_n, 2), ("--eval-steps", st.eval_steps, 1)):
-        if v < low:
-            raise ValueError(f"{flag} must be >= {low}, got {v}")
-    check_seed(st.seed)  # (the runs' Trainers check it too, but only after OUT/<suite> is made)
+    if st.budget is not None:
+        check_budget(st.budget)
+    check_suite_counts(st.batch_size, st.eval_n, st.eval_steps, st.seed, st.steps)
     check_dir_path(out_root)
     out = Path(out_root) / name
     check_dir_path(out)  # (OUT/<suite> itself a file)

@@ -136,9 +136,7 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
 
 def check_run_dir(out: Path, resume: bool) -> None:
     """Refuse to train over an existing run without --resume, or to resume a run that is not there."""
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out} is a file, not a run directory")
-    check_dir_path(out)  # (under a file: "[Errno 20] Not a directory" at writing config.json)
+    check_dir_path(out)  # a file, or under one ("[Errno 20] Not a directory" at writing config.json)
     has_ckpt = (out / "state.json").exists()
     if has_ckpt and not resume:
         raise CheckpointError(f"{out} already holds a checkpoint; pass --resume (Python: resume=True) to continue it "

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ..ablation import run_dir_for
+from ..ablation import check_budget, check_suite_counts, run_dir_for
 from ..ar_plan import ARPlanConfig
 from ..files import check_dir_path, write_json
 from ..models import ModelConfig
-from ..sampling import check_seed
 from .objective import TRANSFUSION_IMAGE_PLAN, MixConfig
 
 # name -> (captions read the noised image tokens, CausalFusion's AR plan on images)
@@ -65,18 +64,13 @@ class MMSuiteSettings:
     def validate(self) -> None:
         """One clear ValueError for counts no run can use, before anything is trained or written
         (--steps 0 failed at loading a run that was never trained, --eval-n 0 after training both)."""
-        for flag, v, low in (("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1),
-                             ("--eval-n", self.eval_n, 2), ("--eval-steps", self.eval_steps, 1)):
-            if v < low:
-                raise ValueError(f"{flag} must be >= {low}, got {v}")
-        check_seed(self.seed)
+        check_suite_counts(self.batch_size, self.eval_n, self.eval_steps, self.seed, self.steps)
 
 
 def budget_steps(st: MMSuiteSettings, budget: float) -> int:
     """Training steps per run that fit ``budget`` wall seconds for the whole suite (about 10% kept
     for evaluation; at least 10), timed at ``st``'s settings."""
-    if not 0 < budget < float("inf"):  # (a negative budget used to train the minimum 10 steps anyway)
-        raise ValueError(f"--budget must be > 0 seconds, got {budget}")
+    check_budget(budget)  # (a negative budget used to train the minimum 10 steps anyway)
     st.validate()  # before the throwaway timing run
     return max(10, int(0.9 * budget / len(RUNS) / seconds_per_step(st)))
 
