@@ -42,6 +42,7 @@ class TextTokenizer:
         self.eos = self._find(EOS_NAMES, "end-of-text")
         pad = [self.tok.token_to_id(n) for n in PAD_NAMES if self.tok.token_to_id(n) is not None]
         self.pad = pad[0] if pad else self.eos  # pads are masked by length, so any id works
+        self.control = frozenset((self.bos, self.eos, self.pad))  # never content: see encode / decode
 
     def _find(self, names: tuple[str, ...], what: str) -> int:
         for n in names:
@@ -86,15 +87,13 @@ class TextTokenizer:
         ``tokenizers`` matches added tokens in the raw text even with ``add_special_tokens=False``,
         so a caption or prompt that contains the literal text "<eos>" would get an <eos> id in the
         middle (training: the model learns to stop there). Control ids are dropped here."""
-        control = {self.bos, self.eos, self.pad}
-        return [i for i in self.tok.encode(text, add_special_tokens=False).ids if i not in control]
+        return [i for i in self.tok.encode(text, add_special_tokens=False).ids if i not in self.control]
 
     def decode(self, ids: list[int]) -> str:
         """Ids -> text without <bos>/<eos>/<pad>. They are dropped here by id, not only through
         ``skip_special_tokens``: a user tokenizer.json may hold them as plain vocabulary entries
         (not "special" added tokens), and a caption that samples one would print it verbatim."""
-        control = {self.bos, self.eos, self.pad}
-        return self.tok.decode([i for i in ids if i not in control], skip_special_tokens=True).strip()
+        return self.tok.decode([i for i in ids if i not in self.control], skip_special_tokens=True).strip()
 
     def slot(self, ids: list[int], text_len: int) -> tuple[list[int], int]:
         """[<bos> ids <eos> <pad>...] of length ``text_len`` and the number of real tokens.
