@@ -325,25 +325,36 @@ def convert_ldm_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict
     return out
 
 
-def convert_ldm_vae(src: str | Path, out_dir: str | Path, config: dict | None = None) -> Path:
-    """Convert LDM-format KL-VAE weights (a ``.safetensors`` state dict, e.g. MAR's ``kl16``) into a
-    diffusers directory that ``--vae kl16 --vae-path OUT`` loads. Returns ``out_dir``."""
-    from safetensors.torch import load_file
+def _read_ldm_weights(src: Path) -> dict[str, torch.Tensor]:
+    """An LDM VAE's tensors from a .safetensors file or a torch.save checkpoint (``{"model": ...}``)."""
+    if src.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
+            return load_file(str(src))
+        except Exception as e:  # safetensors raises several error types for damaged files
+            raise AutoencoderError(f"{src} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    from .torch_files import load_torch_file
+
+    obj = load_torch_file(src)
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AutoencoderError(f"{src} is not an LDM VAE checkpoint (a state dict, or a dict with one under 'model')")
+    return state
+
+
+def convert_ldm_vae(src: str | Path, out_dir: str | Path, config: dict | None = None) -> Path:
+    """Convert LDM-format KL-VAE weights into a diffusers directory that ``--vae kl16 --vae-path OUT``
+    loads: a ``.safetensors`` state dict, or MAR's ``kl16.ckpt`` as published (``{"model": state dict}``,
+    read with ``torch_files.load_torch_file``: plain data only, never run). Returns ``out_dir``."""
     check_dir_path(out_dir)  # before the conversion, not at its save
     src = Path(src)
-    if src.suffix != ".safetensors":
-        raise AutoencoderError(f"{src}: give the weights as .safetensors (see docs/scale_up.md for converting "
-                               f"MAR's kl16.ckpt once); pickled checkpoints are not read")
     if not src.is_file():
         raise AutoencoderError(f"{src} not found")
     from diffusers import AutoencoderKL
 
     config = config or kl16_config()
-    try:
-        state = load_file(str(src))
-    except Exception as e:  # safetensors raises several error types for damaged files
-        raise AutoencoderError(f"{src} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    state = _read_ldm_weights(src)
     if any(k.startswith("model.") for k in state):  # a {"model": state_dict} checkpoint flattened with a prefix
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     vae = AutoencoderKL(**config)

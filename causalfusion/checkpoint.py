@@ -220,8 +220,16 @@ def check_same_config(run_dir: str | Path, part: str, saved: dict | None, given:
 
 
 def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True) -> torch.nn.Module:
-    """Load a run's EMA (or raw) weights into ``module`` (strict), checked against state.json's step."""
+    """Load a run's EMA (or raw) weights into ``module`` (strict), checked against state.json's step;
+    or an inference folder's weights (``inference_folder``)."""
+    from .inference_folder import WEIGHTS, is_inference_folder, read_folder_weights
+
     run_dir = Path(run_dir)
+    if is_inference_folder(run_dir, read_config(run_dir)):
+        if not ema:
+            raise CheckpointError(f"{run_dir} is an inference folder holding one set of weights; leave out --raw")
+        _load_weights(module, read_folder_weights(run_dir), run_dir / WEIGHTS)
+        return module
     step = read_state(run_dir)["step"]
     path = run_dir / ("ema.safetensors" if ema else "model.safetensors")
     _load_weights(module, read_tensors(path, step), path)

@@ -49,6 +49,7 @@ class ModelConfig:
     class_tokens: int = 4  # distinct learned class tokens (paper: 4 for ablations, 64 for system)
     class_repeat: int = 1  # Tab. 8: e.g. 4 tokens repeated 16x
     learn_pos: bool = False  # fixed sin-cos (ablations) or learnable, sin-cos initialised (system)
+    pos_order: str = "row-col"  # sin-cos channel halves: [row | column]; "col-row" is the release's [column | row]
     qk_norm: bool = True
     prediction: str = "eps"  # what the head outputs: the noise (paper) or v (small pixel images)
 
@@ -61,6 +62,8 @@ class ModelConfig:
                 raise ValueError(f"model {name} must be an integer >= {int(name in sizes)}, got {v!r}")
         if not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
             raise ValueError(f"model mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if self.pos_order not in POS_ORDERS:
+            raise ValueError(f"unknown pos_order {self.pos_order!r}; choose one of {', '.join(POS_ORDERS)}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction type {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         if self.image_size % self.patch_size:
@@ -103,8 +106,12 @@ class ModelConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2-D sin-cos embedding ``[H*W, dim]``: half the channels encode the row, half the column."""
+POS_ORDERS = ("row-col", "col-row")
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], order: str = "row-col") -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding ``[H*W, dim]``: half the channels encode the row, half the column,
+    in that order ("row-col") or column first ("col-row", the authors' release)."""
     if dim % 4:
         raise ValueError(f"sin-cos positions need a hidden size divisible by 4, got {dim}")
 
@@ -114,7 +121,8 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
-    emb = np.concatenate([one_axis(dim // 2, rows), one_axis(dim // 2, cols)], axis=1)
+    halves = [one_axis(dim // 2, rows), one_axis(dim // 2, cols)]
+    emb = np.concatenate(halves if order == "row-col" else halves[::-1], axis=1)
     return torch.from_numpy(emb).float()
 
 
@@ -181,7 +189,7 @@ class CausalFusion(nn.Module):
         # cond_pos tells the copies apart (C = num_cond = class_tokens x class_repeat, Tab. 8).
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.class_tokens * d)
         self.cond_pos = nn.Parameter(torch.zeros(cfg.num_cond, d))
-        pos = sincos_pos_embed_2d(d, cfg.grid)
+        pos = sincos_pos_embed_2d(d, cfg.grid, cfg.pos_order)
         if cfg.learn_pos:
             self.pos_embed = nn.Parameter(pos)
         else:
@@ -203,7 +211,7 @@ class CausalFusion(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.cfg.learn_pos:
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.cfg.hidden_size, self.cfg.grid))
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.cfg.hidden_size, self.cfg.grid, self.cfg.pos_order))
         nn.init.zeros_(self.head.weight)  # predict eps = 0 at start: the loss begins at 1
         nn.init.zeros_(self.head.bias)
 

@@ -10,7 +10,7 @@ import sys
 from safetensors import SafetensorError
 
 from ..checkpoint import CheckpointError
-from . import edit, evaluate, info, multimodal, sample, train
+from . import convert, edit, evaluate, info, multimodal, sample, train
 from .train import add_train_args
 
 # OSError: an output that cannot be written (a directory, a full disk, no permission), a damaged file
@@ -29,7 +29,7 @@ class OneLineErrors(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrors(prog="causalfusion", description="Causal Diffusion Transformers (CausalFusion)")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (train, sample, info, evaluate, edit):
+    for module in (train, sample, info, evaluate, edit, convert):
         module.add_parser(sub)
     multimodal.add_commands(sub)  # train-mm, t2i, caption, eval-mm
     return p

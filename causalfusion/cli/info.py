@@ -59,7 +59,9 @@ def cmd_cache_latents(a: argparse.Namespace) -> None:
 def cmd_convert_vae(a: argparse.Namespace) -> None:
     from ..autoencoders import convert_ldm_vae
 
-    out = convert_ldm_vae(a.ldm, a.out)
+    if (a.src is None) == (a.ldm is None):
+        raise ValueError("give the VAE weights once: convert-vae kl16.ckpt --out DIR")
+    out = convert_ldm_vae(a.src or a.ldm, a.out)
     print(f"wrote {out} (use --vae kl16 --vae-path {out})")
 
 
@@ -106,8 +108,10 @@ def add_parser(sub) -> None:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_cache_latents)
 
-    v = sub.add_parser("convert-vae", help="LDM/MAR KL-16 VAE weights (.safetensors) -> diffusers directory")
-    v.add_argument("--ldm", required=True, help="the LDM-format state dict as .safetensors (e.g. MAR's kl16)")
+    v = sub.add_parser("convert-vae", help="MAR's kl16.ckpt (or LDM VAE weights as .safetensors) -> diffusers directory")
+    v.add_argument("src", nargs="?", default=None, metavar="WEIGHTS",
+                   help="MAR's kl16.ckpt as published, or an LDM-format state dict as .safetensors")
+    v.add_argument("--ldm", default=None, help="the same as WEIGHTS (default: none)")
     v.add_argument("--out", required=True, help="output directory (config.json + diffusion_pytorch_model.safetensors)")
     v.set_defaults(func=cmd_convert_vae)
 
