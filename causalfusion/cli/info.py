@@ -11,6 +11,18 @@ from ..trainer import param_count_str
 def cmd_params(a: argparse.Namespace) -> None:
     if a.depth is not None and a.depth < 1:
         raise ValueError(f"--depth must be >= 1, got {a.depth}")
+    if a.ckpt:  # a run directory or an inference folder: the model in its config.json
+        from ..checkpoint import CheckpointError, read_run_config
+
+        try:
+            cfg = ModelConfig.from_dict(read_run_config(a.ckpt)["model"])
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{a.ckpt}/config.json has no valid model config ({e})") from None
+        n = count_parameters(cfg)
+        print(f"{a.ckpt}: {n:,} parameters ({param_count_str(n)}), {cfg.depth} layers x {cfg.hidden_size} wide x "
+              f"{cfg.num_heads} heads, {cfg.num_tokens} image tokens, {cfg.num_cond} class tokens, "
+              f"{cfg.num_classes} classes")
+        return
     if a.config:  # a paper configuration: its model, and the count the paper states
         from ..configs import PAPER_PARAMS, get_config
 
@@ -85,6 +97,7 @@ def add_parser(sub) -> None:
     q.add_argument("--depth", type=int, default=None, help="override the number of layers (e.g. 48: the release's H)")
     q.add_argument("--config", default=None, choices=list(PAPER_CONFIGS),
                    help="count a paper configuration instead (compared with the paper's number)")
+    q.add_argument("--ckpt", default=None, help="count the model of a run directory or inference folder instead")
     q.set_defaults(func=cmd_params)
 
     g = sub.add_parser("configs", help="list the paper configurations (--config) with parameter counts")
