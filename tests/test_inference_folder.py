@@ -4,6 +4,8 @@ kl16.ckpt as published converts to the same VAE its .safetensors form gives, and
 LDM-layout model computes."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,10 @@ def test_every_command_runs_on_a_converted_release_model(tmp_path, capsys):
                  "--npz", str(tmp_path / "edit.npz")]) == 0
     edits = np.load(tmp_path / "edit.npz")["arr_0"]
     assert edits.shape == (2, 8, 8, 3) and Image.open(tmp_path / "edit.png").mode == "RGB"
+    assert main(["eval", "--ckpt", m, "--n", "4", "--ar-steps", "1,2", steps_flag(), "2",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["ar_steps"] for r in rows] == [1, 2] and all(np.isfinite(r["fid"]) for r in rows)
     capsys.readouterr()
     assert main(["params", "--ckpt", m]) == 0
     assert f"{sum(v.numel() for v in state.values()):,} parameters" in capsys.readouterr().out
