@@ -225,7 +225,8 @@ def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True)
     from .inference_folder import WEIGHTS, is_inference_folder, read_folder_weights
 
     run_dir = Path(run_dir)
-    if is_inference_folder(run_dir, read_config(run_dir)):
+    config = read_config(run_dir) if (run_dir / "config.json").is_file() else None
+    if is_inference_folder(run_dir, config):
         if not ema:
             raise CheckpointError(f"{run_dir} is an inference folder holding one set of weights; leave out --raw")
         _load_weights(module, read_folder_weights(run_dir), run_dir / WEIGHTS)
