@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,15 @@ from causalfusion.trainer import TrainConfig, Trainer, adamw
 
 MODEL = dict(image_size=8, in_channels=1, patch_size=2, hidden_size=16, depth=1, num_heads=2, num_classes=10,
              class_tokens=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: these tiny steps run 25x slower with two threads when other processes share the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def train_cfg(out, **kw) -> TrainConfig:
@@ -215,25 +225,32 @@ def test_sigkill_at_a_random_moment_loses_at_most_the_steps_since_the_last_commi
     snaps, log = reference(tmp_path, steps=steps)
     script = tmp_path / "train.py"
     script.write_text(KILL_SCRIPT.replace("{model}", repr(MODEL)))
-    env = {**os.environ, "PYTHONPATH": str(Path(checkpoint.__file__).parents[1]), }
-    rng = random.Random(0)
-    for trial in range(3):
-        run = tmp_path / f"kill{trial}"
-        proc = subprocess.Popen([sys.executable, str(script), str(run), str(steps), "0", str(torch.get_num_threads())], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
+    env = {**os.environ, "PYTHONPATH": str(Path(checkpoint.__file__).parents[1])}
+    runs = [tmp_path / f"kill{trial}" for trial in range(3)]
+    delays = [random.uniform(0.0, 0.3) for _ in runs]  # after the first commit: somewhere among the next saves
+    procs = [subprocess.Popen([sys.executable, str(script), str(run), str(steps), "0", str(torch.get_num_threads())],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for run in runs]
+
+    def kill(run: Path, proc: subprocess.Popen, delay: float) -> None:
+        deadline = time.monotonic() + 120
         while not (run / "state.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.3))  # somewhere among the next saves
+            time.sleep(0.005)
+        time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+
+    killers = [threading.Thread(target=kill, args=args) for args in zip(runs, procs, delays)]
+    for t in killers:
+        t.start()
+    for t in killers:
+        t.join()
+    for run, proc, delay in zip(runs, procs, delays):
+        assert proc.returncode == -signal.SIGKILL, (delay, proc.stderr.read().decode()[-2000:])
         killed_at = loaded_step(run, snaps)
-        assert 1 <= killed_at < steps
-        tr = trainer(run, resume=True, steps=steps, ckpt_every=1, log_every=3)
-        tr.train()
-        assert loaded_step(run, snaps) == steps
-        assert log_rows(run) == log
+        assert 1 <= killed_at < steps, delay
+        trainer(run, resume=True, steps=steps).train()
+        assert loaded_step(run, snaps) == steps, delay
+        assert log_rows(run) == log, delay
 
 
 @contextmanager
