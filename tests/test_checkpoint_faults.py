@@ -291,3 +291,30 @@ def test_a_full_disk_during_training_and_again_during_resume(tmp_path):
         trainer(run, resume=True, steps=6).train()
         assert loaded_step(run, snaps) == 6
         assert log_rows(run) == log
+
+
+def test_an_inf_gradient_stops_the_run_before_its_step_and_leaves_the_checkpoint(tmp_path, capsys):
+    """``train --lr 1e10 --warmup 0`` resumed from a good checkpoint: one line naming the step, exit 2,
+    the checkpoint's files as they were, and no step applied with the inf gradient."""
+    from causalfusion.cli import main
+
+    run = interrupted(tmp_path / "run", stop_at=2, steps=6)
+    ckpt = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "log.csv"}
+    code = main(["train", "--out", str(run), "--resume", "--steps", "400", "--lr", "1e10", "--warmup", "0",
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "at step" in err[0] and ("gradient norm" in err[0] or "loss is" in err[0]), err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != "log.csv"} == ckpt
+
+
+def test_apply_gradients_refuses_an_inf_gradient_without_stepping():
+    from causalfusion.trainer import apply_gradients
+
+    model = torch.nn.Linear(2, 2)
+    ema, opt = torch.nn.Linear(2, 2), torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    model.weight.grad = torch.full((2, 2), float("inf"))
+    model.bias.grad = torch.zeros(2)
+    with pytest.raises(FloatingPointError, match="gradient norm is inf at step 7"):
+        apply_gradients(model, ema, opt, 1.0, 0.9, step=7)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not opt.state
