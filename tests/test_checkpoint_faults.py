@@ -318,3 +318,13 @@ def test_apply_gradients_refuses_an_inf_gradient_without_stepping():
     with pytest.raises(FloatingPointError, match="gradient norm is inf at step 7"):
         apply_gradients(model, ema, opt, 1.0, 0.9, step=7)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not opt.state
+
+
+def test_a_pickle_refusal_never_suggests_weights_only_false(tmp_path):
+    from causalfusion.metrics.inception import load_inception_weights
+
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(1), "obj": Stop()}, path)
+    with pytest.raises(ValueError) as info:
+        load_inception_weights(path)
+    assert "weights_only=False" not in str(info.value) and "pickle" in str(info.value) and "\n" not in str(info.value)
