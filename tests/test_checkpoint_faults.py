@@ -328,3 +328,12 @@ def test_a_pickle_refusal_never_suggests_weights_only_false(tmp_path):
     with pytest.raises(ValueError) as info:
         load_inception_weights(path)
     assert "weights_only=False" not in str(info.value) and "pickle" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_channels_with_digits_is_refused_up_front(tmp_path, capsys):
+    from causalfusion.cli import main
+
+    code = main(["train", "--data", "digits", "--channels", "2", "--out", str(tmp_path / "run"), "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--channels" in err[0]
+    assert not (tmp_path / "run").exists() and list(tmp_path.iterdir()) == []
