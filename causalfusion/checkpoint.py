@@ -2,18 +2,25 @@
 
 A run directory (``--ckpt DIR``) holds::
 
-    config.json          model / plan / training configuration (written once, checked on resume)
-    model.safetensors    raw weights            ema.safetensors   EMA weights (used for sampling)
-    train.safetensors    optimizer moments, RNG and data-stream state
-    state.json           step, optimizer hyper-parameters; written last = the commit marker
+    config.json                  model / plan / training configuration (checked on resume)
+    model.<step>.safetensors     raw weights      ema.<step>.safetensors   EMA weights (for sampling)
+    train.<step>.safetensors     optimizer moments, RNG, data-stream and log-window state
+    state.json                   the commit: step, optimizer hyper-parameters, the three files' names
 
-Each file is written to a temporary name and renamed into place. Every safetensors file records
-the step in its metadata, so a checkpoint torn by a crash between renames is detected on load.
+A save writes the new step's files under new names (each to a temporary file, fsynced, renamed,
+then the directory fsynced), commits by replacing state.json atomically (same steps), and only then
+deletes the files the new state.json does not name. A failure at any point (kill, exception, full
+disk), any number of times in a row, leaves the last committed state.json and its files intact; the
+next save first removes what an interrupted one left (``settle``). Loading reads only the files
+state.json names. Runs written with fixed names (``model.safetensors``, with ``.prev`` files from an
+interrupted save) still load, and their next save moves them to this layout.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+from contextlib import suppress
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -23,23 +30,33 @@ from safetensors.torch import save_file
 
 from .autoencoders import KINDS, Autoencoder, autoencoder_from_spec
 from .devices import check_device
-from .files import atomic_path, write_json
+from .files import fsync_dir, fsync_file, write_text_durable
 from .models import CausalFusion, ModelConfig
 
-FILES = ("model.safetensors", "ema.safetensors", "train.safetensors")
+PARTS = ("model", "ema", "train")
+FILES = tuple(f"{part}.safetensors" for part in PARTS)  # the fixed names of runs written before state.json named its files
+_STAGED = re.compile(r"(model|ema|train)\.\d+r?\.safetensors")  # <part>.<step>[r].safetensors
+# the temporary names (<name>.<pid>.tmp) under which a save writes its files and state.json
+_TEMPORARY = re.compile(r"((model|ema|train)(\.\d+r?)?\.safetensors|state\.json|config\.json)\.\d+\.tmp")
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete, corrupt or does not match."""
 
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
-    with atomic_path(path) as tmp:
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                      metadata={"step": str(step)})
-        except SafetensorError as e:  # a full disk or a read-only directory: one line, not a traceback
-            raise OSError(f"cannot write {path} ({e})") from None
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Write ``path`` through a temporary file; on disk (fsynced) when this returns."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)})
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except SafetensorError as e:  # a full disk or a read-only directory: one line, not a traceback
+        raise OSError(f"cannot write {path} ({e})") from None
+    finally:
+        if tmp.exists():  # (cleaning up must not hide the error that stopped the write)
+            with suppress(OSError):
+                tmp.unlink()
 
 
 def _prev(path: Path) -> Path:
@@ -67,6 +84,31 @@ def read_json(path: Path) -> dict:
     return obj
 
 
+def part_path(run_dir: str | Path, state: dict, part: str) -> Path:
+    """Where the committed checkpoint's ``part`` (model, ema, train) is: the file state.json names."""
+    names = state.get("files")
+    if names is None:
+        return Path(run_dir) / f"{part}.safetensors"  # the fixed-name layout
+    name = names.get(part) if isinstance(names, dict) else None
+    if not isinstance(name, str) or _STAGED.fullmatch(name) is None:
+        raise CheckpointError(f"{Path(run_dir) / 'state.json'} is corrupt (files: {names!r})")
+    return Path(run_dir) / name
+
+
+def read_part(run_dir: str | Path, part: str) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """(state.json, the tensors of ``part``, its path) of the committed checkpoint. A save that
+    commits meanwhile deletes the files read_state named: then state.json is read again."""
+    for attempt in range(3):
+        state = read_state(run_dir)
+        path = part_path(run_dir, state, part)
+        try:
+            return state, read_tensors(path, state["step"]), path
+        except CheckpointError:
+            if attempt == 2 or path.is_file() or read_state(run_dir) == state:
+                raise
+    raise AssertionError("unreachable")
+
+
 def read_tensors(path: Path, step: int | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint file's tensors, checked against state.json's ``step``. A save interrupted before
     its state.json was written left the old file as ``<name>.prev``: that one is read instead."""
@@ -84,7 +126,7 @@ def read_tensors(path: Path, step: int | None = None) -> dict[str, torch.Tensor]
 
 def write_config(run_dir: str | Path, config: dict) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(run_dir) / "config.json", config, sort_keys=True)
+    write_text_durable(Path(run_dir) / "config.json", json.dumps(config, indent=2, sort_keys=True))
 
 
 def read_config(run_dir: str | Path) -> dict:
@@ -126,28 +168,65 @@ def save_checkpoint_states(run_dir: str | Path, step: int, model_state: dict[str
     run_dir.mkdir(parents=True, exist_ok=True)
     train = {f"opt.{i}.{name}": v for i, s in opt_state["state"].items() for name, v in s.items()}
     train.update({f"extra.{k}": v for k, v in extra.items()})
-    # Each file is replaced atomically, but not the three together: until state.json names the new
-    # step, the old files stay beside them as .prev, so an interrupted save resumes from the last one.
-    for name, tensors in zip(FILES, (model_state, ema_state, train)):
-        path = run_dir / name
-        _prev(path).unlink(missing_ok=True)
-        if path.is_file():
-            os.link(path, _prev(path))  # a second name for the old file: no copy
-        _atomic_save_tensors(path, tensors, step)
-    write_json(run_dir / "state.json", {**meta, "step": step, "param_groups": opt_state["param_groups"]}, sort_keys=True)
-    for name in FILES:
-        _prev(run_dir / name).unlink(missing_ok=True)
+    committed = settle(run_dir)
+    # new names for this step's files; a second save of the committed step must not overwrite them either
+    tag = "" if {f"{part}.{step}.safetensors" for part in PARTS}.isdisjoint(committed) else "r"
+    names = {part: f"{part}.{step}{tag}.safetensors" for part in PARTS}
+    for part, tensors in zip(PARTS, (model_state, ema_state, train)):
+        _write_tensors(run_dir / names[part], tensors, step)
+    fsync_dir(run_dir)
+    state = {**meta, "step": step, "param_groups": opt_state["param_groups"], "files": names}
+    write_text_durable(run_dir / "state.json", json.dumps(state, indent=2, sort_keys=True))  # the commit
+    settle(run_dir)
+
+
+def committed_files(run_dir: str | Path) -> set[str] | None:
+    """The names of the files the committed checkpoint consists of (None: no readable state.json)."""
+    try:
+        state = read_state(run_dir)
+    except CheckpointError:
+        return None
+    names = state.get("files")
+    if isinstance(names, dict):
+        return {"state.json", *map(str, names.values())}
+    return {"state.json", *FILES, *(f"{name}.prev" for name in FILES)}  # the fixed-name layout
+
+
+def settle(run_dir: str | Path) -> set[str]:
+    """Remove what interrupted saves left in ``run_dir``: temporary files, and the checkpoint files
+    the committed state.json does not name (all of them when there is no state.json; none but the
+    temporary files when state.json is unreadable). Best effort; returns the committed names."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "state.json").exists():
+        committed: set[str] | None = set()
+    else:
+        committed = committed_files(run_dir)
+    for p in run_dir.iterdir():
+        name = p.name
+        stale = _TEMPORARY.fullmatch(name) is not None or (
+            committed is not None and name not in committed
+            and (_STAGED.fullmatch(name) is not None or name in FILES or name in {f"{n}.prev" for n in FILES}))
+        if stale and p.is_file():
+            with suppress(OSError):
+                p.unlink()
+    return committed or set()
 
 
 def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.nn.Module,
                         optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model, EMA and optimizer in place; return (state.json, extra tensors)."""
     run_dir = Path(run_dir)
-    state = read_state(run_dir)
-    step = state["step"]
-    _load_weights(model, read_tensors(run_dir / "model.safetensors", step), run_dir / "model.safetensors")
-    _load_weights(ema, read_tensors(run_dir / "ema.safetensors", step), run_dir / "ema.safetensors")
-    train = read_tensors(run_dir / "train.safetensors", step)
+    for attempt in range(3):  # a save that commits meanwhile: read the new step's three files
+        state, model_tensors, model_path = read_part(run_dir, "model")
+        _, ema_tensors, ema_path = read_part(run_dir, "ema")
+        state_now, train, train_path = read_part(run_dir, "train")
+        if state_now == state or attempt == 2:
+            break
+    if state_now != state:
+        raise CheckpointError(f"{run_dir} is being written faster than it can be read; try again")
+    _load_weights(model, model_tensors, model_path)
+    _load_weights(ema, ema_tensors, ema_path)
+    check_finite_tensors(train, train_path)
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in train.items():
         if key.startswith("opt."):
@@ -157,7 +236,7 @@ def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.
     bad = [i for i, s in opt_state.items() if i >= len(params) or any(
         v.shape != params[i].shape for k, v in s.items() if k in ("exp_avg", "exp_avg_sq"))]
     if bad:  # (parameters that never had a gradient have no state: fewer entries are fine)
-        raise CheckpointError(f"{run_dir / 'train.safetensors'}'s optimizer state does not fit the model "
+        raise CheckpointError(f"{train_path}'s optimizer state does not fit the model "
                               f"(parameter {bad[0]})")
     # The hyperparameters (eps, betas, ...) are this run's, as it was built; only the state (moments,
     # step counts) comes from the checkpoint, so a resume with another --adam-eps trains with it.
@@ -171,14 +250,20 @@ def load_training_state(run_dir: str | Path, model: torch.nn.Module, ema: torch.
     extra = {k[len("extra."):]: v for k, v in train.items() if k.startswith("extra.")}
     missing = {"gen", "perm", "pos"} - set(extra)
     if missing:
-        raise CheckpointError(f"{run_dir / 'train.safetensors'} lacks the {'/'.join(sorted(missing))} entries")
+        raise CheckpointError(f"{train_path} lacks the {'/'.join(sorted(missing))} entries")
     return state, extra
 
 
-def _load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def check_finite_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """CheckpointError naming the file and the first tensor that holds a NaN or inf: every sample,
+    score and caption would be NaN, and a resumed run would stop blaming its training."""
     bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if bad is not None:  # every sample, score and caption would be NaN
-        raise CheckpointError(f"{path} holds non-finite values (in {bad})")
+    if bad is not None:
+        raise CheckpointError(f"{path} holds non-finite values (NaN or inf in tensor {bad!r})")
+
+
+def _load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    check_finite_tensors(tensors, path)
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as e:  # torch's message: a header line, then one line per mismatch
@@ -231,9 +316,8 @@ def load_weights(run_dir: str | Path, module: torch.nn.Module, ema: bool = True)
             raise CheckpointError(f"{run_dir} is an inference folder holding one set of weights; leave out --raw")
         _load_weights(module, read_folder_weights(run_dir), run_dir / WEIGHTS)
         return module
-    step = read_state(run_dir)["step"]
-    path = run_dir / ("ema.safetensors" if ema else "model.safetensors")
-    _load_weights(module, read_tensors(path, step), path)
+    _, tensors, path = read_part(run_dir, "ema" if ema else "model")
+    _load_weights(module, tensors, path)
     return module
 
 

@@ -211,7 +211,7 @@ class DistributedTrainer(Trainer):
             dist.all_reduce(red)
             mean = red.cpu() / w
         check_finite(mean, self.step)
-        gnorm = apply_gradients(self.module, self.ema, self.opt, c.grad_clip, self.ema_decay_at(self.step))
+        gnorm = apply_gradients(self.module, self.ema, self.opt, c.grad_clip, self.ema_decay_at(self.step), self.step)
         self.step += 1
         return {"loss": float(mean), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1),
                 "ar_steps": plan.num_steps}
@@ -239,8 +239,7 @@ class DistributedTrainer(Trainer):
         if self.is_main:
             if self._new_config:
                 self._new_config.write()
-            extra = {"gen": self.gen.get_state(), **self.stream.state()}
-            save_checkpoint_states(self.out, self.step, model, ema, opt, extra, {"data": self.dataset.name})
+            save_checkpoint_states(self.out, self.step, model, ema, opt, self.checkpoint_extra(), {"data": self.dataset.name})
         barrier()
 
     def sample_grid(self, path: Path | None = None, steps: int | None = None) -> Path | None:

@@ -23,7 +23,40 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # (an error while cleaning up must not replace the one that stopped the write)
+            with suppress(OSError):
+                tmp.unlink()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the renames in directory ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (PermissionError, IsADirectoryError):  # Windows: directories cannot be opened this way
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_durable(path: str | Path, text: str) -> None:
+    """``write_text`` that returns only once the new content (and its name) is on disk."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    fsync_dir(path.parent)
 
 
 def write_text(path: str | Path, text: str) -> None:

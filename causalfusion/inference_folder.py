@@ -94,7 +94,7 @@ def model_card(config: dict, title: str) -> str:
 def export_run(run: str | Path, out: str | Path) -> Path:
     """Write the inference folder ``out`` from the training run (or inference folder) ``run``: its
     EMA weights as model.safetensors, its config.json (VAE reference, token order) and a card."""
-    from .checkpoint import read_run_config, read_state, read_tensors
+    from .checkpoint import read_part, read_run_config
 
     check_new_folder(out)
     run = Path(run)
@@ -102,8 +102,8 @@ def export_run(run: str | Path, out: str | Path) -> Path:
     if is_inference_folder(run, config):
         tensors, step = read_folder_weights(run), (config.get("source") or {}).get("step")
     else:
-        step = read_state(run)["step"]
-        tensors = read_tensors(run / "ema.safetensors", step)
+        state, tensors, _ = read_part(run, "ema")
+        step = state["step"]
     source = {**(config.get("source") or {}), "exported_from": run.resolve().name, "step": step}
     config = {**config, "source": source}
     return write_inference_folder(out, config, tensors, model_card(config, run.resolve().name))

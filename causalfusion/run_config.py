@@ -102,6 +102,9 @@ def train_configs(out: str | Path, resume: bool = False,
         settings.pop("config", None)  # a resumed run keeps its saved configuration
     s = with_paper_config(settings)
     saved = read_config(out) if resume else None
+    data = s.get("data") or (saved or {}).get("train", {}).get("data", "digits")
+    if s.get("channels") is not None and not str(data).startswith("folder:"):  # digits are grey, latents have theirs
+        raise ValueError(f"--channels applies to folder data only, not --data {data}")
     train = {**saved.get("train", {})} if saved else {}  # resume: the saved training settings, the given ones on top
     train.update({k: s[k] for k in TRAIN_KEYS if k in s}, out=out, progress=s.get("progress", True))
     tc = TrainConfig.from_dict(train)

@@ -118,20 +118,26 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def apply_gradients(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, grad_clip: float,
-                    ema_decay: float) -> float:
-    """After backward: clip the global grad norm, take the optimizer step, move the EMA; the pre-clip norm."""
+                    ema_decay: float, step: int = 0) -> float:
+    """After backward: clip the global grad norm, take the optimizer step, move the EMA; the pre-clip
+    norm. A NaN or inf norm stops before the step (FloatingPointError naming ``step``): clipping would
+    scale an inf gradient to NaN weights."""
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if hasattr(gnorm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
         gnorm = gnorm.full_tensor()
+    norm = float(gnorm)
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"gradient norm is {norm} at step {step}; stopping before it is applied "
+                                 "(the last checkpoint, if any, is left as it was; try a lower --lr)")
     opt.step()
     update_ema(ema, model, ema_decay)
-    return float(gnorm)
+    return norm
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping "
-                                 "(the last checkpoint, if any, is left as it was)")
+                                 "(the last checkpoint, if any, is left as it was; try a lower --lr)")
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
@@ -179,6 +185,8 @@ class Trainer:
     resume: bool = False
     dataset: Dataset | None = None
     step: int = field(init=False, default=0)
+    # losses since the last log.csv row (saved with the checkpoint: a resumed run logs the same means)
+    log_window: list[float] = field(init=False, default_factory=list)
     _new_config: PendingConfig | None = field(init=False, default=None, repr=False)  # set on resume
     _new_files: NewFiles | None = field(init=False, default=None, repr=False)  # a fresh run's, on the writing rank
 
@@ -236,6 +244,7 @@ class Trainer:
         self.step = check_resume_step(self.out, int(state["step"]), self.cfg.steps)
         self.gen.set_state(extra["gen"])
         self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
+        self.log_window = extra["log_window"].tolist() if "log_window" in extra else []
         self._new_config = PendingConfig(self.out, saved, asdict(self.cfg), **self._config_sections())
 
     def lr_at(self, step: int) -> float:
@@ -256,15 +265,20 @@ class Trainer:
         check_finite(loss, self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = apply_gradients(self.model, self.ema, self.opt, c.grad_clip, self.ema_decay_at(self.step))
+        gnorm = apply_gradients(self.model, self.ema, self.opt, c.grad_clip, self.ema_decay_at(self.step), self.step)
         self.step += 1
         return {"loss": loss.item(), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1), "ar_steps": plan.num_steps}
 
     def save(self) -> None:
         if self._new_config and self.is_main:
             self._new_config.write()
-        extra = {"gen": self.gen.get_state(), **self.stream.state()}
-        save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, extra, {"data": self.dataset.name})
+        save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, self.checkpoint_extra(),
+                        {"data": self.dataset.name})
+
+    def checkpoint_extra(self) -> dict[str, torch.Tensor]:
+        """The generator, data-stream and log-window state a checkpoint stores beside the weights."""
+        return {"gen": self.gen.get_state(), **self.stream.state(),
+                "log_window": torch.tensor(self.log_window, dtype=torch.float64)}
 
     def sample_grid(self, path: Path | None = None, steps: int | None = None, ema: torch.nn.Module | None = None) -> Path:
         """Class-conditional S=1 samples of the EMA model (``ema``: a full copy of it), one row per class."""
@@ -320,21 +334,22 @@ class Trainer:
                 log.writerow(["step", "loss", "grad_norm", "lr", "ar_steps", "it_per_s"])
             bar = tqdm(total=c.steps, initial=self.step, desc="train", disable=not (c.progress and self.is_main),
                        dynamic_ncols=True)
-            t0, s0, run_loss = time.perf_counter(), self.step, []
+            t0, s0 = time.perf_counter(), self.step
             while self.step < c.steps:
                 last = self.train_step()
-                run_loss.append(last["loss"])
+                self.log_window.append(last["loss"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.1e}")
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     ips = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
-                    mean = sum(run_loss) / len(run_loss)
+                    mean = sum(self.log_window) / len(self.log_window)
                     log.writerow([self.step, f"{mean:.6f}", f"{last['grad_norm']:.4f}", f"{last['lr']:.3e}", last["ar_steps"], f"{ips:.2f}"])
                     f.flush()
                     if writer:
                         writer.add_scalar("train/loss", mean, self.step)
                         writer.add_scalar("train/lr", last["lr"], self.step)
-                    run_loss = []
+                    if self.step % c.log_every == 0:  # (the last step's extra row: a longer run continues the window)
+                        self.log_window = []
                 if self.step % c.ckpt_every == 0 or self.step == c.steps:
                     self.save()
                 if c.sample_every and (self.step % c.sample_every == 0 or self.step == c.steps):

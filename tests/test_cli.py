@@ -84,9 +84,16 @@ def copy_run(run_dir, dst):
     return dst
 
 
+def ema_file(run):
+    """The EMA file the run's state.json names."""
+    from causalfusion.checkpoint import part_path, read_state
+
+    return part_path(run, read_state(run), "ema")
+
+
 def test_corrupt_checkpoint_is_one_line(run_dir, tmp_path, capsys):
     bad = copy_run(run_dir, tmp_path / "bad")
-    (bad / "ema.safetensors").write_bytes(b"\x00garbage")
+    ema_file(bad).write_bytes(b"\x00garbage")
     assert main(["sample", "--ckpt", str(bad), "--out", str(tmp_path / "x.png")]) == 2
     assert "corrupt" in one_error_line(capsys)
     assert not (tmp_path / "x.png").exists()
@@ -102,21 +109,21 @@ def test_checkpoint_json_that_is_not_an_object_and_nan_weights(run_dir, tmp_path
     assert main(["sample", "--ckpt", str(bad), "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
     assert "not an object" in one_error_line(capsys)
     (bad / "config.json").write_text(good_config)
-    ema = load_file(str(bad / "ema.safetensors"))
+    ema = load_file(str(ema_file(bad)))
     meta = {"step": json.loads((bad / "state.json").read_text())["step"]}
-    save_file({k: torch.full_like(v, float("nan")) for k, v in ema.items()}, str(bad / "ema.safetensors"),
+    save_file({k: torch.full_like(v, float("nan")) for k, v in ema.items()}, str(ema_file(bad)),
               metadata={"step": str(meta["step"])})
     assert main(["sample", "--ckpt", str(bad), "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]  # (after the progress bar)
-    assert len(errors) == 1 and "ema.safetensors holds non-finite values" in errors[0]  # refused on loading
+    assert len(errors) == 1 and f"{ema_file(bad).name} holds non-finite values" in errors[0]  # refused on loading
     assert not (tmp_path / "x.png").exists()
 
 
 def test_resume_with_other_model_config_is_refused(run_dir, capsys):
-    before = (run_dir / "model.safetensors").read_bytes()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     assert main(["train", "--out", str(run_dir), "--resume", "--steps", "5", *TINY[:2], "--hidden-size", "64"]) == 2
     assert "model config differs" in one_error_line(capsys)
-    assert (run_dir / "model.safetensors").read_bytes() == before
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
 def test_resume_keeps_the_runs_ar_plan(tmp_path, capsys):

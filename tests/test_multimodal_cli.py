@@ -256,8 +256,10 @@ def test_resume_is_bit_identical(tmp_path):
     assert main(["train-mm", "--out", str(tmp_path / "a"), "--steps", "4", *args]) == 0
     assert main(["train-mm", "--out", str(tmp_path / "b"), "--steps", "2", *args]) == 0
     assert main(["train-mm", "--out", str(tmp_path / "b"), "--resume", "--steps", "4", "--no-progress"]) == 0
+    from causalfusion.checkpoint import part_path, read_state
+
     for name in ("model", "ema", "train"):
-        a, b = (load_file(str(tmp_path / r / f"{name}.safetensors")) for r in "ab")
+        a, b = (load_file(str(part_path(tmp_path / r, read_state(tmp_path / r), name))) for r in "ab")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from causalfusion.ar_plan import ARPlanConfig
-from causalfusion.checkpoint import CheckpointError, load_model
+from causalfusion.checkpoint import CheckpointError, load_model, part_path, read_state
 from causalfusion.data import BatchStream, load_dataset, load_digits_split
 from causalfusion.diffusion import Diffusion
 from causalfusion.models import CausalFusion, ModelConfig
@@ -97,11 +97,12 @@ def test_checkpoint_loads_ema_and_detects_corruption(tmp_path):
     model = load_model(tmp_path)
     for p, q in zip(model.parameters(), tr.ema.parameters()):
         assert torch.equal(p, q)
-    data = (tmp_path / "ema.safetensors").read_bytes()
-    (tmp_path / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    ema = part_path(tmp_path, read_state(tmp_path), "ema")
+    data = ema.read_bytes()
+    ema.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(tmp_path)
-    (tmp_path / "ema.safetensors").unlink()
+    ema.unlink()
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path)
 
@@ -271,33 +272,31 @@ def test_demo_resume_without_steps_keeps_the_runs_target(tmp_path, monkeypatch):
     assert demo.run_demo(str(tmp_path), resume=True, **small)["step"] == 2
 
 
-def test_a_save_interrupted_between_its_files_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
-    """The three weight files are replaced one by one; killed after the first, the run still resumes
-    (from the previous checkpoint, kept as .prev until the new state.json is written)."""
-    import causalfusion.checkpoint as checkpoint
+def test_a_run_in_the_fixed_name_layout_torn_by_an_interrupted_save_loads_and_moves_on(tmp_path):
+    """A run written with fixed names, whose save was interrupted after model.safetensors (the old one
+    waits as .prev), loads as its state.json's step; its next save commits the step-named layout."""
+    import os
+
+    from safetensors.torch import load_file, save_file
 
     Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "b", steps=3, ckpt_every=3)).train()
-    real, written = checkpoint._atomic_save_tensors, []
-
-    def die_after_the_model_file(path, tensors, step):
-        if written:
-            raise KeyboardInterrupt
-        written.append(path)
-        real(path, tensors, step)
-
-    monkeypatch.setattr(checkpoint, "_atomic_save_tensors", die_after_the_model_file)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "b", steps=6, ckpt_every=6), resume=True).train()
-    monkeypatch.setattr(checkpoint, "_atomic_save_tensors", real)
-    assert written == [tmp_path / "b" / "model.safetensors"]  # step 6's model beside step 3's state.json
-    resumed = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "b", steps=6), resume=True)
+    run, state = tmp_path / "b", read_state(tmp_path / "b")
+    for part in ("model", "ema", "train"):  # the fixed-name layout of the same checkpoint
+        os.replace(part_path(run, state, part), run / f"{part}.safetensors")
+    del state["files"]
+    (run / "state.json").write_text(json.dumps(state))
+    os.link(run / "model.safetensors", run / "model.safetensors.prev")
+    tensors = load_file(str(run / "model.safetensors"))
+    save_file({k: v + 1 for k, v in tensors.items()}, str(run / "model.safetensors.new"), metadata={"step": "6"})
+    os.replace(run / "model.safetensors.new", run / "model.safetensors")  # step 6's model beside step 3's state
+    resumed = Trainer(digits_model(), ARPlanConfig(), small_train(run, steps=6), resume=True)
     assert resumed.step == 3
     resumed.train()
     straight = Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "c", steps=6))
     straight.train()
     for p, q in zip(straight.ema.parameters(), resumed.ema.parameters()):
         assert torch.equal(p, q)
-    assert not list((tmp_path / "b").glob("*.prev"))  # cleared once a state.json names the new files
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (tmp_path / "c").iterdir())
 
 
 def test_trim_log_drops_a_cut_off_row_and_rewrites_the_header_of_an_empty_log(tmp_path):
@@ -380,6 +379,7 @@ def test_training_state_of_another_model_is_refused(tmp_path):
 
     Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "a", steps=2, ckpt_every=2)).train()
     Trainer(digits_model(hidden_size=64), ARPlanConfig(), small_train(tmp_path / "b", steps=2, ckpt_every=2)).train()
-    shutil.copy(tmp_path / "b" / "train.safetensors", tmp_path / "a" / "train.safetensors")  # same step, wider model
+    shutil.copy(part_path(tmp_path / "b", read_state(tmp_path / "b"), "train"),
+                part_path(tmp_path / "a", read_state(tmp_path / "a"), "train"))  # same step, wider model
     with pytest.raises(CheckpointError, match="optimizer state does not fit the model"):
         Trainer(digits_model(), ARPlanConfig(), small_train(tmp_path / "a", steps=4), resume=True)

@@ -245,6 +245,8 @@ def load_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled objects refused by weights_only, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""  # torch's text runs to many lines
+        if "weights_only" in str(err) or "Weights only" in str(err):  # torch's advice would be to unpickle it
+            first = "it holds pickled objects besides tensors, and pickles are never executed here"
         raise ValueError(f"could not read Inception-v3 weights from {path} ({type(err).__name__}: {first}); "
                          f"{hint}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -148,7 +148,7 @@ class MMTrainer:
         check_finite(loss, self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = apply_gradients(self.model, self.ema, self.opt, c.grad_clip, ema_decay_at(self.step, c.ema_decay))
+        gnorm = apply_gradients(self.model, self.ema, self.opt, c.grad_clip, ema_decay_at(self.step, c.ema_decay), self.step)
         self.step += 1
         return {"loss": loss.item(), "grad_norm": gnorm, **stats}
 
