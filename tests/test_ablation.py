@@ -158,7 +158,7 @@ def test_ablate_cli_errors(capsys, tmp_path):
     assert main(["ablate", "--suite", "decay", "--steps", "3", "--configs", "g7", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no config 'g7'" in err[0]
-    assert main(["ablate", "--suite", "decay", "--steps", "3", "--s-eval", "1,32", "--out", str(tmp_path)]) == 2
+    assert main(["ablate", "--suite", "decay", "--steps", "3", "--eval-ar-steps", "1,32", "--out", str(tmp_path)]) == 2
     assert "exceeds" in capsys.readouterr().err
 
 
