@@ -78,6 +78,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         kind = _on_off if isinstance(f.default, bool) else type(f.default) if f.default is not None else str
         shown = ("on" if f.default else "off") if kind is _on_off else f.default
         p.add_argument(flag, type=kind, default=None, metavar="on|off" if kind is _on_off else None,
+                       choices=["fp32", "bf16"] if f.name == "precision" else None,
                        help=f"{TRAIN_HELP[f.name]} (default: {shown}; --config or a resumed run: theirs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_scale_args(p)  # --config, --vae, --vae-path, --base-lr, --strategy, --grad-accum, --grad-ckpt
