@@ -142,7 +142,7 @@ SUBPARSERS = _subparsers()
 
 def test_docs_have_commands_to_check():
     # guards the extraction itself: an empty list would make every test below pass vacuously
-    assert len(ALL_SHELL) >= 40 and len(ALL_INLINE) >= 15
+    assert len(ALL_SHELL) >= 30 and len(ALL_INLINE) >= 10
     assert {inv.argv[0] for inv in ALL_SHELL} >= {"train", "sample", "edit", "eval", "ablate", "train-mm"}
 
 

@@ -196,7 +196,7 @@ def test_bad_training_inputs_write_nothing(tmp_path, capsys):
     (tmp_path / "junk.png").write_bytes(b"not an image")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "junk.png", "caption": "a red circle"}) + "\n")
     (tmp_path / "blank.jsonl").write_text("\n \n")
-    cases = [(["--data", "shapes:train:0"], "N must be >= 1"),  # used to hang in CaptionStream.next
+    cases = [(["--data", "shapes:train:0"], "N must be >= 1"),  # CaptionStream.next would never fill a batch
              (["--data", "shapes:train:-2"], "N must be >= 1"),
              (["--data", f"jsonl:{tmp_path / 'bad.jsonl'}"], "bad.jsonl:1: image"),
              (["--data", f"jsonl:{tmp_path / 'blank.jsonl'}"], "holds no captioned images"),

@@ -258,7 +258,7 @@ def test_bad_arguments_are_refused_with_one_line(model, kw, needle):
 
 
 def test_no_labels_give_no_images(model):
-    """An empty batch is an empty result in image shape (it used to fail drawing the random orders)."""
+    """An empty batch is an empty result in image shape."""
     for kw in (dict(), dict(cfg=2.0, ar_steps=4), dict(order="raster")):
         out = sample(model, torch.empty(0, dtype=torch.long), steps=2, **kw)
         assert out.shape == (0, model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
