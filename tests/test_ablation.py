@@ -181,7 +181,8 @@ def test_budget_choice_kept_on_resume(cache, tmp_path, monkeypatch):
     run_suite("decay", st, tmp_path, ["g0.8"], command="first", log=lambda m: None)
     report = run_suite("decay", st, tmp_path, ["g0.8"], command="second", log=lambda m: None).read_text()
     assert len(calls) == 1 and "3 training steps per config (chosen from --budget 50 s" in report
-    assert "earlier invocation 1: `first`" in report and "- command: `second`" in report
+    assert "invocations that trained these runs: `first`" in report and "- command: `second`" in report
+    assert not re.search(r"\d{4}-\d\d-\d\dT", report)  # no dates in a report
     assert "1 of 1 configs reused" in report
 
 
