@@ -1,7 +1,6 @@
 """The Markdown report and the FID-vs-S_eval plot of an ablation suite (see ``ablation.py``)."""
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import math
 import subprocess
@@ -153,15 +152,12 @@ def write_report(out: Path, suite, st, results: list[dict], steps: int, s_eval, 
         f"- evaluation: EMA weights, {st.eval_n} samples per S_eval (balanced classes), DDPM {st.eval_steps} steps "
         f"per AR step, no CFG, equal-size groups; FID / precision / recall / accuracy against {ref_desc}",
         f"- wall time: {wall:.0f} s for this invocation ({sum(bool(r.get('reused')) for r in results)} of "
-        f"{len(results)} configs reused from earlier runs); per-config sums over the runs that produced the numbers: "
+        f"{len(results)} configs reused from runs already in the output folder); per-config sums over the runs that produced the numbers: "
         f"training {train_s:.0f} s, evaluation {eval_s:.0f} s",
-        f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
         training_code(results, digest),
     ]
-    for i, h in enumerate((history or [])[:-1]):
-        lines.append(f"- earlier invocation {i + 1}: `{h.get('command')}` at commit `{h.get('commit')}`, "
-                     f"{h.get('wall_seconds', 0):.0f} s wall, {h.get('reused', 0)} of {len(h.get('configs', []))} "
-                     f"configs reused, finished {h.get('finished')}")
+    if history and len(history) > 1:  # the report's numbers may come from runs of several invocations
+        lines.append(f"- invocations that trained these runs: " + "; ".join(f"`{h.get('command')}`" for h in history[:-1]))
     if "seconds_per_step" in calib:
         sps = calib["seconds_per_step"]
         lines.append(f"- calibration (--budget): {min(sps.values()):.3f}-{max(sps.values()):.3f} s per training step, "

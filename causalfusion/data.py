@@ -140,7 +140,8 @@ def load_folder(root: str | Path, image_size: int, channels: int = 3) -> Dataset
 
 
 def load_dataset(spec: str, image_size: int | None = None, channels: int = 3) -> Dataset:
-    """``digits`` (8x8x1, 10 classes), ``folder:PATH`` (resized/cropped to ``image_size``) or ``latents:DIR``."""
+    """``digits`` (8x8x1, 10 classes) or ``folder:PATH`` (resized/cropped to ``image_size``). A
+    ``latents:DIR`` cache is opened by ``latent_cache.open_latent_cache`` (or ``training_dataset``)."""
     if spec == "digits":
         if image_size not in (None, 8):
             raise ValueError(f"digits images are 8x8, got --image-size {image_size}")
@@ -152,10 +153,8 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3) ->
         if not spec[len("folder:"):].strip():
             raise ValueError("folder: needs a path, e.g. folder:/data/imagenet/train")
         return load_folder(spec[len("folder:"):], image_size or 32, channels)
-    if spec.startswith("latents:"):  # a cache written by `causalfusion cache-latents`
-        from .latent_cache import open_latent_cache
-
-        return open_latent_cache(spec[len("latents:"):], image_size=image_size)
+    if spec.startswith("latents:"):  # latent_cache builds on this module, so it is not imported here
+        raise ValueError(f"{spec!r} is a latent cache: read it with causalfusion.latent_cache.training_dataset")
     raise ValueError(f"unknown dataset {spec!r}; use 'digits', 'folder:PATH' or 'latents:DIR'")
 
 

@@ -282,14 +282,14 @@ def sample_in_chunks(n: int, batch_size: int, sample_fn: Callable[[int, int], to
     Chunk j (``batch_size`` samples) is computed by rank j mod W; after each round rank 0 gathers
     the chunks, so memory on rank 0 is the uint8 result plus one round. Other ranks return None.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     if n < 1 or batch_size < 1:
         raise ValueError(f"need n >= 1 and batch size >= 1, got {n} and {batch_size}")
     env = env or init_distributed()
     chunks = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     out = None
-    bar = tqdm(total=n, desc=f"sampling ({env.world} processes)", disable=not (progress and env.is_main), unit="img")
+    bar = progress_bar(total=n, desc=f"sampling ({env.world} processes)", disable=not (progress and env.is_main), unit="img")
     for first in range(0, len(chunks), env.world):
         j = first + env.rank
         mine = to_uint8(sample_fn(*chunks[j])) if j < len(chunks) else None

@@ -1,6 +1,7 @@
 """Image helpers: [-1, 1] tensors <-> uint8, PNG grids, ADM-style .npz sample files."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,16 @@ def save_png(picture: np.ndarray, path: str | Path) -> None:
 def grid_scale(side: int) -> int:
     """Upscaling of saved pictures: 4x for images of 32 px or less (digits, shapes), else 1x."""
     return 4 if side <= 32 else 1
+
+
+def grid_columns(n: int, row_length: int | None = None) -> int:
+    """Images per row of a grid of ``n``: ``row_length`` (e.g. one row per class) while the grid it
+    gives is at most 4 times wider than tall or taller than wide, else the near-square ceil(sqrt(n))."""
+    if row_length and row_length > 0:
+        rows = -(-n // row_length)
+        if max(rows, row_length) <= 4 * min(rows, row_length):
+            return row_length
+    return max(1, math.ceil(math.sqrt(n)))
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int | None = None) -> None:

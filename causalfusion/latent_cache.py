@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .autoencoders import (LATENT_KEYS, Autoencoder, AutoencoderError, autoencoder_from_spec, check_same_autoencoder,
                            load_autoencoder, resolve_weights, sample_posterior, weights_digest)
@@ -168,7 +168,7 @@ def cache_latents(dataset: Dataset, out: str | Path, ae: Autoencoder, *, flip: b
     mine = [i for i in range(len(shards)) if i % world == rank]
     todo = [i for i in mine if not _shard_ok(out / shards[i]["file"], i, index)]
     done_images = sum(shards[i]["count"] for i in mine if i not in todo)
-    bar = tqdm(total=sum(shards[i]["count"] for i in mine), initial=done_images, desc="caching latents",
+    bar = progress_bar(total=sum(shards[i]["count"] for i in mine), initial=done_images, desc="caching latents",
                disable=not progress or rank != 0, unit="img", dynamic_ncols=True)
     try:
         for i in todo:

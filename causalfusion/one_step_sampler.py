@@ -5,7 +5,7 @@ reproduce it draw for draw at S=1 (tests/test_sampling.py); the trainer's in-loo
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_iter
 
 from .diffusion import Diffusion
 from .models import CausalFusion
@@ -53,7 +53,7 @@ def sample_one_step(
     shape = (c.in_channels, c.image_size, c.image_size)
     x = per_sample_randn(gens, shape, device)
     y = labels.to(device)
-    for i in tqdm(range(len(diffusion) - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
+    for i in progress_iter(range(len(diffusion) - 1, -1, -1), len(diffusion), desc="sampling", disable=not progress):
         t = int(diffusion.timesteps[i])
         eps = guided_eps(model.predict_one_step, x, t, y, c.num_classes, cfg, cfg_interval)
         x = diffusion.ddpm_step(x, i, eps.float(), per_sample_randn(gens, shape, device))

@@ -33,7 +33,7 @@ import operator
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .ar_plan import ORDERS, ARPlanConfig, equal_group_sizes, token_order
 from .diffusion import Diffusion
@@ -312,7 +312,7 @@ def sample(
         runner = (CachedRunner if cache else UncachedRunner)(model, cond)
         schedules = {n: Diffusion(prediction=c.prediction).respace(n) for n in set(per_step)}
         x = torch.zeros(b, num_tokens, patch_dim, device=device)  # AR order; finished groups are clean
-        bar = tqdm(total=sum(per_step), desc="sampling", disable=not progress, leave=False)
+        bar = progress_bar(total=sum(per_step), desc="sampling", disable=not progress, leave=False)
         start = 0
         if n_known:  # the known tokens are the clean first AR step: exact copies, committed like a finished group
             x[:, :n_known] = torch.gather(model.patchify(known.to(device, x.dtype)), 1, order_idx)[:, :n_known]

@@ -15,16 +15,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .ar_plan import ARPlanConfig
 from .checkpoint import (CheckpointError, check_autoencoder_entry, check_same_config, load_training_state, read_config,
                          save_checkpoint, write_config)
-from .data import BatchStream, Dataset, load_dataset
+from .data import BatchStream, Dataset
+from .latent_cache import training_dataset
 from .devices import check_precision
 from .diffusion import Diffusion
 from .files import NewFiles, check_dir_path, write_text
-from .images import save_grid
+from .images import grid_columns, save_grid
 from .models import CausalFusion, ModelConfig
 from .objective import causalfusion_loss, drop_labels
 from .one_step_sampler import sample_one_step
@@ -196,7 +197,7 @@ class Trainer:
         check_precision(c.precision, c.device)
         self.out = Path(c.out)
         check_run_dir(self.out, self.resume)
-        self.dataset = self.dataset or load_dataset(c.data, c.image_size)
+        self.dataset = self.dataset or training_dataset(c.data, c.image_size)
         d = self.dataset
         want = (d.image_size, d.channels, d.num_classes)
         have = (self.model_cfg.image_size, self.model_cfg.in_channels, self.model_cfg.num_classes)
@@ -281,12 +282,13 @@ class Trainer:
                 "log_window": torch.tensor(self.log_window, dtype=torch.float64)}
 
     def sample_grid(self, path: Path | None = None, steps: int | None = None, ema: torch.nn.Module | None = None) -> Path:
-        """Class-conditional S=1 samples of the EMA model (``ema``: a full copy of it), one row per class."""
+        """Class-conditional S=1 samples of the EMA model (``ema``: a full copy of it), one row per class
+        where that grid is not too narrow or too wide (``images.grid_columns``)."""
         n = self.cfg.samples_per_class
         labels = torch.arange(self.model_cfg.num_classes).repeat_interleave(n)
         images = sample_one_step(ema or self.ema, labels, steps=steps or self.cfg.sample_steps, seed=self.cfg.seed)
         path = path or self.out / "samples" / f"step_{self.step:07d}.png"
-        save_grid(self._to_pixels(images), path, nrow=n)
+        save_grid(self._to_pixels(images), path, nrow=grid_columns(len(images), n))
         return path
 
     def _to_pixels(self, samples: torch.Tensor) -> torch.Tensor:
@@ -332,7 +334,7 @@ class Trainer:
             log = csv.writer(f)
             if new_log:
                 log.writerow(["step", "loss", "grad_norm", "lr", "ar_steps", "it_per_s"])
-            bar = tqdm(total=c.steps, initial=self.step, desc="train", disable=not (c.progress and self.is_main),
+            bar = progress_bar(total=c.steps, initial=self.step, desc="train", disable=not (c.progress and self.is_main),
                        dynamic_ncols=True)
             t0, s0 = time.perf_counter(), self.step
             while self.step < c.steps:

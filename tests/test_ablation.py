@@ -158,7 +158,7 @@ def test_ablate_cli_errors(capsys, tmp_path):
     assert main(["ablate", "--suite", "decay", "--steps", "3", "--configs", "g7", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no config 'g7'" in err[0]
-    assert main(["ablate", "--suite", "decay", "--steps", "3", "--s-eval", "1,32", "--out", str(tmp_path)]) == 2
+    assert main(["ablate", "--suite", "decay", "--steps", "3", "--eval-ar-steps", "1,32", "--out", str(tmp_path)]) == 2
     assert "exceeds" in capsys.readouterr().err
 
 
@@ -181,7 +181,8 @@ def test_budget_choice_kept_on_resume(cache, tmp_path, monkeypatch):
     run_suite("decay", st, tmp_path, ["g0.8"], command="first", log=lambda m: None)
     report = run_suite("decay", st, tmp_path, ["g0.8"], command="second", log=lambda m: None).read_text()
     assert len(calls) == 1 and "3 training steps per config (chosen from --budget 50 s" in report
-    assert "earlier invocation 1: `first`" in report and "- command: `second`" in report
+    assert "invocations that trained these runs: `first`" in report and "- command: `second`" in report
+    assert not re.search(r"\d{4}-\d\d-\d\dT", report)  # no dates in a report
     assert "1 of 1 configs reused" in report
 
 

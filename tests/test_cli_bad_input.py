@@ -32,8 +32,8 @@ def refused(argv: list[str], needle: str, root, capsys) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["edit", "--ckpt", "{run}", "--generate-class", "3", "--class", "8", "--n", "1", "--steps", "1", "--out", "{tmp}/e.png"],
-    ["eval", "--ckpt", "{run}", "--n", "2", "--steps", "1"],
+    ["edit", "--ckpt", "{run}", "--generate-class", "3", "--class", "8", "--n", "1", "--sample-steps", "1", "--out", "{tmp}/e.png"],
+    ["eval", "--ckpt", "{run}", "--n", "2", "--sample-steps", "1"],
     ["eval", "--npz", "{tmp}/s.npz"],
     ["probe", "--ckpt", "{run}"],
 ])
@@ -47,9 +47,9 @@ def test_an_unknown_device_is_one_line(argv, run_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv", [
     ["train", "--data", "digits", "--steps", "1", *TINY],
     ["train-mm", "--data", "shapes:train:8", "--steps", "1", "--max-text-len", "24", *TINY[:8], "--no-progress"],
-    ["sample", "--ckpt", "{run}", "--n", "1", "--steps", "1"],
-    ["sample", "--ckpt", "{run}", "--n", "1", "--steps", "1", "--out", "{tmp}/x.png", "--npz"],
-    ["edit", "--ckpt", "{run}", "--generate-class", "3", "--class", "8", "--n", "1", "--steps", "1"],
+    ["sample", "--ckpt", "{run}", "--n", "1", "--sample-steps", "1"],
+    ["sample", "--ckpt", "{run}", "--n", "1", "--sample-steps", "1", "--out", "{tmp}/x.png", "--npz"],
+    ["edit", "--ckpt", "{run}", "--generate-class", "3", "--class", "8", "--n", "1", "--sample-steps", "1"],
 ])
 def test_an_empty_output_path_is_refused_before_any_work(argv, run_dir, tmp_path, monkeypatch, capsys):
     """--out '' trained into the current directory (Path('') is '.'); sample and edit did all the
@@ -82,7 +82,7 @@ def test_nan_and_out_of_range_numbers_are_refused_before_any_write(argv, needle,
 
 
 @pytest.mark.parametrize("argv", [
-    ["eval", "--ckpt", "{run}", "--n", "2", "--steps", "1", "--ar-steps", ","],  # printed nothing, exit 0
+    ["eval", "--ckpt", "{run}", "--n", "2", "--sample-steps", "1", "--ar-steps", ","],  # printed nothing, exit 0
     ["train", "--data", "digits", "--out", "{tmp}/r", "--steps", "1", "--eval-every", "1", "--eval-ar-steps", "", *TINY],
 ])
 def test_an_empty_list_of_ar_steps_is_refused(argv, run_dir, tmp_path, capsys):
@@ -134,7 +134,7 @@ def test_eval_files_are_read_before_training(flag, name, needle, tmp_path, capsy
     (tmp_path / "files").mkdir()
     for garbage in ("ref.npz", "inception.pth"):
         (tmp_path / "files" / garbage).write_text("not this")
-    argv = ["train", "--data", "digits", "--steps", "1", "--eval-every", "1", "--eval-n", "2", "--eval-steps", "1",
+    argv = ["train", "--data", "digits", "--steps", "1", "--eval-every", "1", "--eval-n", "2", "--eval-sample-steps", "1",
             flag, str(tmp_path / "files" / name), "--out", str(tmp_path / "run"), *TINY]
     refused(argv, needle, tmp_path, capsys)
 
@@ -157,8 +157,8 @@ HUGE_SEED = str(10**20)  # torch: "Overflow when unpacking long long"
 @pytest.mark.parametrize("argv", [
     ["train", "--data", "digits", "--steps", "1", "--out", "{tmp}/r", *TINY],
     ["train-mm", "--data", "shapes:train:8", "--steps", "1", "--out", "{tmp}/r", *MM_TINY],
-    ["sample", "--ckpt", "{run}", "--n", "1", "--steps", "1", "--out", "{tmp}/x.png"],
-    ["eval", "--ckpt", "{run}", "--n", "2", "--steps", "1"],
+    ["sample", "--ckpt", "{run}", "--n", "1", "--sample-steps", "1", "--out", "{tmp}/x.png"],
+    ["eval", "--ckpt", "{run}", "--n", "2", "--sample-steps", "1"],
     ["ablate", "--suite", "order", "--budget", "1", "--out", "{tmp}/a"],  # made OUT/order first
     ["ablate", "--suite", "multimodal", "--steps", "1", "--out", "{tmp}/a"],  # wrote OUT/multimodal/runs.json first
 ])
@@ -199,8 +199,8 @@ def test_an_output_directory_under_a_file_names_the_path(argv, needle, tmp_path,
 
 
 @pytest.mark.parametrize("argv", [
-    ["sample", "--ckpt", "{run}", "--n", "1", "--steps", "1", "--out", "{tmp}/x.png"],
-    ["eval", "--ckpt", "{run}", "--n", "2", "--steps", "1"],
+    ["sample", "--ckpt", "{run}", "--n", "1", "--sample-steps", "1", "--out", "{tmp}/x.png"],
+    ["eval", "--ckpt", "{run}", "--n", "2", "--sample-steps", "1"],
     ["train", "--out", "{run}", "--resume", "--steps", "2", "--sample-every", "1", "--no-progress"],  # failed at its grid
 ])
 def test_a_non_integer_autoencoder_channels_names_config_json(argv, run_dir, tmp_path, capsys):

@@ -133,7 +133,7 @@ def test_fsdp2_with_accumulation_and_checkpointing_matches_one_process(reference
 
 
 def test_distributed_sampling_gives_the_single_process_images(reference, tmp_path):
-    args = ["sample", "--ckpt", str(reference), "--per-class", "1", "--batch-size", "3", "--steps", "4",
+    args = ["sample", "--ckpt", str(reference), "--per-class", "1", "--batch-size", "3", "--sample-steps", "4",
             "--ar-steps", "2"]
     torchrun(*args, "--out", str(tmp_path / "two.png"), "--npz", str(tmp_path / "two.npz"))
     assert main([*args, "--out", str(tmp_path / "one.png"), "--npz", str(tmp_path / "one.npz")]) == 0

@@ -276,7 +276,7 @@ def test_cli_edit_writes_grid_and_npz(run_dir, tmp_path, capsys):
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).save(tmp_path / "in.png")
     png, npz = tmp_path / "out.png", tmp_path / "e.npz"
     argv = ["edit", "--ckpt", str(run_dir), "--image", str(tmp_path / "in.png"), "--mask", "center", "--class", "7",
-            "--n", "3", "--steps", "4", "--ar-steps", "2", "--cfg", "1.5", "--out", str(png), "--npz", str(npz)]
+            "--n", "3", "--sample-steps", "4", "--ar-steps", "2", "--cfg", "1.5", "--out", str(png), "--npz", str(npz)]
     assert main(argv) == 0
     grid = np.asarray(Image.open(png))
     assert grid.shape == (1 * 33 + 1, 5 * 33 + 1)  # one row: original | masked | 3 variations, 8px x4 + pad
@@ -287,13 +287,13 @@ def test_cli_edit_writes_grid_and_npz(run_dir, tmp_path, capsys):
     assert (data["arr_0"][..., 0][:, keep] == src[keep]).all()  # uint8 round trip of the visible pixels
     png2 = tmp_path / "gen.png"
     assert main(["edit", "--ckpt", str(run_dir), "--generate-class", "3,4", "--mask", "top", "--class", "8",
-                 "--n", "2", "--steps", "3", "--out", str(png2)]) == 0
+                 "--n", "2", "--sample-steps", "3", "--out", str(png2)]) == 0
     assert np.asarray(Image.open(png2)).shape == (2 * 33 + 1, 4 * 33 + 1)
     png3 = tmp_path / "two.png"  # --image repeated: every image is edited (not only the last)
     assert main(["edit", "--ckpt", str(run_dir), "--image", str(tmp_path / "in.png"), "--image", str(tmp_path / "in.png"),
-                 "--mask", "top", "--class", "8", "--n", "1", "--steps", "2", "--out", str(png3)]) == 0
+                 "--mask", "top", "--class", "8", "--n", "1", "--sample-steps", "2", "--out", str(png3)]) == 0
     assert np.asarray(Image.open(png3)).shape == (2 * 33 + 1, 3 * 33 + 1)
-    assert main(["edit", "--ckpt", str(run_dir), "--eval-digits", "4", "--mask", "top", "--steps", "2"]) == 0
+    assert main(["edit", "--ckpt", str(run_dir), "--eval-digits", "4", "--mask", "top", "--sample-steps", "2"]) == 0
     assert "| top |" in capsys.readouterr().out
 
 
@@ -308,7 +308,7 @@ def test_cli_eval_digits_passes_every_sampler_option_on(run_dir, monkeypatch):
         return torch.zeros(len(labels), 1, 8, 8)
 
     monkeypatch.setattr(editing, "sample", record)
-    assert main(["edit", "--ckpt", str(run_dir), "--eval-digits", "2", "--mask", "top", "--steps", "2",
+    assert main(["edit", "--ckpt", str(run_dir), "--eval-digits", "2", "--mask", "top", "--sample-steps", "2",
                  "--sampler", "ddim", "--eta", "0.5", "--cfg-interval", "100,600", "--order", "block", "--block", "1",
                  "--ar-steps", "2", "--precision", "bf16"]) == 0
     assert len(calls) == 2  # the plain samples (generated_new), then the edits
@@ -343,7 +343,7 @@ def _bad_inputs(tmp_path):
 def test_cli_bad_edit_input_is_one_line(run_dir, tmp_path, capsys, args, needle):
     _bad_inputs(tmp_path)
     out, npz = tmp_path / "out.png", tmp_path / "out.npz"
-    argv = ["edit", "--ckpt", str(run_dir), "--steps", "2", "--out", str(out), "--npz", str(npz)]
+    argv = ["edit", "--ckpt", str(run_dir), "--sample-steps", "2", "--out", str(out), "--npz", str(npz)]
     assert main(argv + [a.format(d=tmp_path) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err

@@ -123,11 +123,11 @@ def test_eval_checkpoint_table_per_setting(run_dir, capsys):
         assert {"fid", "inception_score", "precision", "recall", "accuracy"} <= set(r) and r["num_samples"] == 20
         assert 0 <= r["accuracy"] <= 1 and r["fid"] > 0
     assert len(format_rows(rows).splitlines()) == 3
-    assert main(["eval", "--ckpt", str(run_dir), "--n", "12", "--ar-steps", "1,4", "--steps", "2",
+    assert main(["eval", "--ckpt", str(run_dir), "--n", "12", "--ar-steps", "1,4", "--sample-steps", "2",
                  "--order", "raster"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:2] == ["S_eval", "order"] and [ln.split()[0] for ln in lines[1:]] == ["1", "4"]
-    assert main(["eval", "--ckpt", str(run_dir), "--ar-steps", "17", "--n", "4", "--steps", "2"]) == 2
+    assert main(["eval", "--ckpt", str(run_dir), "--ar-steps", "17", "--n", "4", "--sample-steps", "2"]) == 2
     assert "1..16" in one_error_line(capsys)
 
 
@@ -141,7 +141,7 @@ def test_eval_row_keeps_sampling_precision_apart_from_the_precision_metric(run_d
     assert format_rows(rows).splitlines()[1].split()[5:8] == [f"{rows[0]['fid']:.4g}", f"{rows[0]['inception_score']:.4g}", "-"]
     with_metric = evaluate_checkpoint(run_dir, n=12, steps=2)[0]
     assert with_metric["sample_precision"] == "fp32" and isinstance(with_metric["precision"], float)
-    assert main(["eval", "--ckpt", str(run_dir), "--n", "12", "--steps", "2", "--ref", str(tmp_path / "ref.npz")]) == 0
+    assert main(["eval", "--ckpt", str(run_dir), "--n", "12", "--sample-steps", "2", "--ref", str(tmp_path / "ref.npz")]) == 0
 
 
 def test_samples_do_not_depend_on_the_evaluation_batch_size():
@@ -170,7 +170,7 @@ def test_in_loop_eval_logged_and_training_unchanged(cache, tmp_path, capsys):
     plain, evald = tmp_path / "plain", tmp_path / "evald"
     assert main(["train", "--data", "digits", "--out", str(plain), "--steps", "5", *TINY]) == 0
     assert main(["train", "--data", "digits", "--out", str(evald), "--steps", "5", *TINY, "--eval-every", "2",
-                 "--eval-n", "10", "--eval-ar-steps", "1,2", "--eval-steps", "2"]) == 0
+                 "--eval-n", "10", "--eval-ar-steps", "1,2", "--eval-sample-steps", "2"]) == 0
     rows = list(csv.DictReader(open(evald / "eval.csv")))
     assert [(r["step"], r["ar_steps"]) for r in rows] == [(s, k) for s in "245" for k in "12"]  # and the last step
     assert all(float(r["fid"]) > 0 and 0 <= float(r["accuracy"]) <= 1 for r in rows)

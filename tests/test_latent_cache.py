@@ -249,7 +249,7 @@ def test_cli_train_from_cache_then_sample_decodes_to_pixels(world, tmp_path):
     grid = Image.open(run / "samples" / "step_0000003.png")  # decoded by the run's VAE: RGB, not 4 latent channels
     assert grid.mode == "RGB" and grid.size[0] > 8 * 16
     npz = tmp_path / "s.npz"
-    assert main(["sample", "--ckpt", str(run), "--per-class", "2", "--steps", "3", "--out", str(tmp_path / "g.png"),
+    assert main(["sample", "--ckpt", str(run), "--per-class", "2", "--sample-steps", "3", "--out", str(tmp_path / "g.png"),
                  "--npz", str(npz)]) == 0
     data = np.load(npz)
     assert data["arr_0"].shape == (4, 16, 16, 3) and data["labels"].tolist() == [0, 0, 1, 1]

@@ -70,8 +70,8 @@ def test_train_resume_t2i_caption_eval(run, tmp_path, capsys):
     assert json.loads((run / "state.json").read_text())["step"] == 8
     grid = tmp_path / "grid.png"
     assert main(["t2i", "--ckpt", str(run), "--prompt", "a red circle at the top left", "--prompt", "a blue square",
-                 "--n", "2", "--steps", "3", "--ar-steps", "4", "--cfg", "2.0", "--cfg-interval", "0,700",
-                 "--check", "--out", str(grid)]) == 0
+                 "--n", "2", "--sample-steps", "3", "--ar-steps", "4", "--cfg", "2.0", "--cfg-interval", "0,700",
+                 "--check-shapes", "--out", str(grid)]) == 0
     assert grid.is_file() and "checker:" in capsys.readouterr().out
     images, caps, _ = make_shapes("test", 2)
     paths = []
@@ -80,7 +80,7 @@ def test_train_resume_t2i_caption_eval(run, tmp_path, capsys):
         save_png(to_uint8(images[i:i + 1])[0], tmp_path / f"{i}.png")
     assert main(["caption", "--ckpt", str(run), *paths, "--temperature", "0.8", "--top-k", "5"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
-    assert main(["eval-mm", "--ckpt", str(run), "--n", "4", "--steps", "2", "--ar-steps", "4"]) == 0
+    assert main(["eval-mm", "--ckpt", str(run), "--n", "4", "--sample-steps", "2", "--ar-steps", "4"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert {"t2i_exact", "caption_exact", "cider", "chance_exact"} <= set(metrics)
     model, tok = load_multimodal(run)
@@ -174,16 +174,16 @@ def test_bad_sampling_options_one_line(run, tmp_path, capsys):
     from causalfusion.multimodal.evaluate import evaluate_model
 
     out = tmp_path / "grid.png"
-    t2i = ["t2i", "--ckpt", str(run), "--prompt", "a red circle", "--n", "1", "--steps", "1", "--out", str(out)]
+    t2i = ["t2i", "--ckpt", str(run), "--prompt", "a red circle", "--n", "1", "--sample-steps", "1", "--out", str(out)]
     for cfg in ("nan", "inf", "-1"):  # NaN guidance used to write black images and exit 0
         _one_line_error(capsys, [*t2i, "--cfg", cfg], "CFG scale must be a finite number >= 0")
-        _one_line_error(capsys, ["eval-mm", "--ckpt", str(run), "--n", "2", "--steps", "1", "--cfg", cfg], "CFG scale")
-    _one_line_error(capsys, [*t2i, "--steps", "0"], "--steps must be >= 1")
+        _one_line_error(capsys, ["eval-mm", "--ckpt", str(run), "--n", "2", "--sample-steps", "1", "--cfg", cfg], "CFG scale")
+    _one_line_error(capsys, [*t2i, "--sample-steps", "0"], "--sample-steps must be >= 1")
     _one_line_error(capsys, [*t2i, "--groups", "a,b"], "--groups expects comma-separated integers, got 'a,b'")
     assert not out.exists()
     for n in ("0", "-2"):
         _one_line_error(capsys, ["eval-mm", "--ckpt", str(run), "--n", n], "--n must be >= 1")
-    _one_line_error(capsys, ["eval-mm", "--ckpt", str(run), "--steps", "0"], "--steps must be >= 1")
+    _one_line_error(capsys, ["eval-mm", "--ckpt", str(run), "--sample-steps", "0"], "--sample-steps must be >= 1")
     with pytest.raises(ValueError, match="evaluation images must be >= 1"):
         evaluate_model(*load_multimodal(run), n=0)
 
@@ -196,7 +196,7 @@ def test_bad_training_inputs_write_nothing(tmp_path, capsys):
     (tmp_path / "junk.png").write_bytes(b"not an image")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "junk.png", "caption": "a red circle"}) + "\n")
     (tmp_path / "blank.jsonl").write_text("\n \n")
-    cases = [(["--data", "shapes:train:0"], "N must be >= 1"),  # used to hang in CaptionStream.next
+    cases = [(["--data", "shapes:train:0"], "N must be >= 1"),  # CaptionStream.next would never fill a batch
              (["--data", "shapes:train:-2"], "N must be >= 1"),
              (["--data", f"jsonl:{tmp_path / 'bad.jsonl'}"], "bad.jsonl:1: image"),
              (["--data", f"jsonl:{tmp_path / 'blank.jsonl'}"], "holds no captioned images"),
@@ -299,7 +299,7 @@ def test_ablate_multimodal_rerun_with_other_settings_trains_its_own_runs(tmp_pat
     monkeypatch.setenv("CAUSALFUSION_CACHE", str(tmp_path / "cache"))  # an untrained FID net: fast, not cached for others
     monkeypatch.setattr("causalfusion.multimodal.evaluate.train_shapes_net", lambda size=16: ShapesNet(size))
     cmd = ["ablate", "--suite", "multimodal", "--steps", "2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
-           "--batch-size", "4", "--precision", "fp32", "--eval-n", "4", "--eval-steps", "1", "--out", str(tmp_path)]
+           "--batch-size", "4", "--precision", "fp32", "--eval-n", "4", "--eval-sample-steps", "1", "--out", str(tmp_path)]
     assert main(cmd) == 0
     first = json.loads((tmp_path / "multimodal" / "runs.json").read_text())
     assert main([*cmd, "--hidden-size", "64", "--prediction", "eps", "--lr", "0.01", "--seed", "5"]) == 0
@@ -339,15 +339,15 @@ def test_ablate_multimodal_defaults_are_the_suites_own(tmp_path, monkeypatch, ca
     assert (seen[1].batch_size, seen[1].lr, seen[1].eval_n) == (64, 5e-4, 500)  # given: used, even if the flag default
 
 
-def test_t2i_steps_default_matches_text_to_image_and_eval_mm():
+def test_t2i_sample_steps_default_matches_text_to_image_and_eval_mm():
     import inspect
 
     from causalfusion.cli import build_parser
     from causalfusion.multimodal import text_to_image
 
     p = build_parser()
-    t2i = p.parse_args(["t2i", "--ckpt", "x", "--prompt", "a red circle"]).steps
-    assert t2i == p.parse_args(["eval-mm", "--ckpt", "x"]).steps == inspect.signature(text_to_image).parameters["steps"].default == 50
+    t2i = p.parse_args(["t2i", "--ckpt", "x", "--prompt", "a red circle"]).sample_steps
+    assert t2i == p.parse_args(["eval-mm", "--ckpt", "x"]).sample_steps == inspect.signature(text_to_image).parameters["steps"].default == 50
 
 
 def test_caption_takes_several_images_per_flag(run, tmp_path, capsys):
@@ -364,8 +364,8 @@ def test_sampling_commands_take_a_checked_device(run, tmp_path, capsys):
     img = tmp_path / "in.png"
     save_png(to_uint8(make_shapes("test", 1)[0])[0], img)
     out = tmp_path / "grid.png"
-    cmds = [["t2i", "--ckpt", str(run), "--prompt", "a red circle", "--n", "1", "--steps", "1", "--out", str(out)],
-            ["caption", "--ckpt", str(run), "--image", str(img)], ["eval-mm", "--ckpt", str(run), "--n", "1", "--steps", "1"]]
+    cmds = [["t2i", "--ckpt", str(run), "--prompt", "a red circle", "--n", "1", "--sample-steps", "1", "--out", str(out)],
+            ["caption", "--ckpt", str(run), "--image", str(img)], ["eval-mm", "--ckpt", str(run), "--n", "1", "--sample-steps", "1"]]
     for cmd in cmds:
         _one_line_error(capsys, [*cmd, "--device", "nope"], "unknown device 'nope'")
         _one_line_error(capsys, [*cmd, "--device", "cuda:99"], "device 'cuda:99'")

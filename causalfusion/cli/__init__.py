@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 
 from ..checkpoint import CheckpointError
 from . import convert, edit, evaluate, info, multimodal, sample, train
+from .common import DefaultsHelpFormatter
 from .train import add_train_args
 
 # OSError: an output that cannot be written (a directory, a full disk, no permission), a damaged file
@@ -20,7 +21,14 @@ USER_ERRORS = (ValueError, CheckpointError, OSError, FloatingPointError, KeyErro
 
 class OneLineErrors(argparse.ArgumentParser):
     """argparse whose usage errors are one line (exit 2), like every other refused input; the usage
-    block is one ``--help`` away. Subcommand parsers inherit the class."""
+    block is one ``--help`` away. Subcommand parsers inherit the class: exact flag names only (no
+    abbreviations, which would make a new flag change what an old abbreviation means) and every
+    option's default in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

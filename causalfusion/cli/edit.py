@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,8 @@ def cmd_edit(a: argparse.Namespace) -> None:
     from ..images import save_grid, save_npz
     from ..sampling import sample
 
+    if a.out is None and a.eval_digits is None:  # --eval-digits writes no grid
+        a.out = str(Path(a.ckpt) / "edit.png")
     check_outputs(a.out, a.npz, a.json)
     model = load_model(a.ckpt, ema=not a.raw, device=a.device)
     opts = sample_options(a, model)
@@ -27,7 +30,7 @@ def cmd_edit(a: argparse.Namespace) -> None:
         raise ValueError(f"--cfg expects a number, got {a.cfg!r}")
     if a.eval_digits is not None:
         if opts["groups"] is not None or len(opts["steps"]) != 1:
-            raise ValueError("--eval-digits takes --ar-steps and a single --steps value (no --groups)")
+            raise ValueError("--eval-digits takes --ar-steps and a single --sample-steps value (no --groups)")
         regions = [r for r in a.mask.split(",") if r.strip()]
         if not regions:
             raise ValueError(f"--mask expects region names (e.g. center,top), got {a.mask!r}")
@@ -82,21 +85,22 @@ def add_parser(sub) -> None:
     e = sub.add_parser("edit", help="zero-shot editing: regenerate a masked region (inpaint/outpaint) as a new class")
     e.add_argument("--ckpt", required=True, help="run directory written by train/demo")
     src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", nargs="+", action="extend", default=None, help="image file(s) of the model's size and channels (one row each)")
-    src.add_argument("--generate-class", default=None, help="generate the original(s) first: class id(s), comma separated")
+    src.add_argument("--image", nargs="+", action="extend", default=None, help="image file(s) of the model's size and channels (one row each) (default: none)")
+    src.add_argument("--generate-class", default=None, help="generate the original(s) first: class id(s), comma separated (default: none)")
     src.add_argument("--eval-digits", type=int, default=None, metavar="N",
                      help="digits model: edit the first N held-out test digits to new classes and print how often "
                           "the classifier reads the new class (regions from --mask, comma separated)")
     e.add_argument("--mask", default="center",
                    help=f"region ({', '.join(REGIONS)}) or a mask image file (white = regenerate)")
     e.add_argument("--mask-frac", type=float, default=None, help="fraction of the side the named region covers (default 0.5)")
-    e.add_argument("--class", dest="cls", default=None, help="the new class id (one, or one per original)")
+    e.add_argument("--class", dest="cls", default=None, help="the new class id (one, or one per original); required unless --eval-digits (default: none)")
     e.add_argument("--n", type=int, default=4, help="variations per original")
-    e.add_argument("--out", default="edit.png", help="grid: original | masked input | variations, one row per original")
-    e.add_argument("--npz", default=None, help="also write the edited images in ADM format (arr_0, labels)")
+    e.add_argument("--out", default=None,
+                   help="grid: original | masked input | variations, one row per original (default: CKPT/edit.png)")
+    e.add_argument("--npz", default=None, help="also write the edited images in ADM format (arr_0, labels) (default: none)")
     add_sampler_args(e, "masked tokens")
     e.add_argument("--cfg", default="1.0", help="classifier-free guidance scale (--eval-digits: a list, e.g. 1,3)")
     e.add_argument("--batch-size", type=int, default=100, help="--eval-digits: digits per batch")
-    e.add_argument("--json", default=None, help="--eval-digits: also write the rows as JSON")
+    e.add_argument("--json", default=None, help="--eval-digits: also write the rows as JSON (default: none)")
     e.set_defaults(func=cmd_edit)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,17 +19,17 @@ from ..ar_plan import ORDERS
 from ..diffusion import PREDICTIONS
 from ..models import PRESETS
 from ..devices import check_device
-from .common import add_order_args, check_outputs, fill_trained_order, ints, parse_interval
+from .common import STEPS_HINT, add_order_args, check_outputs, fill_trained_order, ints, parse_interval, refuse
 from .train import given_flags
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--hidden-size", type=int, default=None)
-    p.add_argument("--num-heads", type=int, default=None)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size")
+    p.add_argument("--depth", type=int, default=None, help="override the preset's number of layers (default: the preset's)")
+    p.add_argument("--hidden-size", type=int, default=None, help="override the preset's width (default: the preset's)")
+    p.add_argument("--num-heads", type=int, default=None, help="override the preset's heads (default: the preset's)")
+    p.add_argument("--patch-size", type=int, default=4, help="pixels per token side")
+    p.add_argument("--image-size", type=int, default=16, help="image side in pixels")
     p.add_argument("--prediction", default="eps", choices=PREDICTIONS,
                    help="eps (paper) or v; v is what makes 16-px pixel-space shapes train in minutes")
     p.add_argument("--max-text-len", type=int, default=35, help="text slot T incl. <bos>/<eos> (paper: 35)")
@@ -40,27 +41,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-weight", type=float, default=0.01, help="text loss weight relative to the image loss")
     p.add_argument("--gamma", type=float, default=None,
                    help="P(S) ∝ gamma^(S-1) (0: plain diffusion; default 0.9, with --transfusion 0)")
-    p.add_argument("--order", default="random", choices=ORDERS)
+    p.add_argument("--order", default="random", choices=ORDERS, help="token order of the image's AR steps")
     p.add_argument("--lam", type=float, default=None, help="AR loss weight of the first step (default 2, with --transfusion 1)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="shapes", help="'shapes', 'shapes:SPLIT:N' or 'jsonl:FILE' (image paths relative to it)")
-    p.add_argument("--out", default="runs/mm")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out", default="runs/mm", help="run directory (checkpoints, logs, tokenizer.json)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: train a BPE on the captions)")
-    p.add_argument("--bpe-vocab", type=int, default=512)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--bpe-vocab", type=int, default=512, help="vocabulary size of the BPE trained on the captions")
+    p.add_argument("--steps", type=int, default=2000, help="training steps (optimizer updates)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per step")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights that sample")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW eps (the release's class-conditional train.py: 1e-15)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 or bf16 (autocast)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, plans and noise")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--ckpt-every", type=int, default=500, help="steps between two checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
 
 
@@ -81,21 +82,22 @@ def cmd_train_mm(a: argparse.Namespace) -> None:
 
 
 def check_sampling(a: argparse.Namespace) -> None:
-    """t2i/eval-mm's --n, --steps and --cfg, before the checkpoint loads (and eval-mm's FID net trains)."""
+    """t2i/eval-mm's --n, --sample-steps and --cfg, before the checkpoint loads (and eval-mm's FID net trains)."""
     from ..sampling import check_cfg
 
     if a.n < 1:
         raise ValueError(f"--n must be >= 1, got {a.n}")
-    if a.steps < 1:
-        raise ValueError(f"--steps must be >= 1 (diffusion steps per AR step), got {a.steps}")
+    if a.sample_steps < 1:
+        raise ValueError(f"--sample-steps must be >= 1 (diffusion steps per AR step), got {a.sample_steps}")
     check_cfg(a.cfg, (0, 1000))
 
 
 def cmd_t2i(a: argparse.Namespace) -> None:
-    from ..images import save_grid
+    from ..images import grid_columns, save_grid
     from ..multimodal.generate import text_to_image
     from ..multimodal.train import load_multimodal
 
+    a.out = a.out if a.out is not None else str(Path(a.ckpt) / "t2i.png")
     check_outputs(a.out)
     check_sampling(a)
     check_device(a.device)
@@ -106,10 +108,10 @@ def cmd_t2i(a: argparse.Namespace) -> None:
     prompts = [p for p in a.prompt for _ in range(a.n)]
     images = text_to_image(model, tok, prompts, cfg=a.cfg, cfg_interval=interval,
                            ar_steps=a.ar_steps, groups=groups, order=a.order, block=a.block, dilation=a.dilation,
-                           steps=a.steps, sampler=a.sampler, seed=a.seed, cache=not a.no_cache).cpu()
-    save_grid(images, a.out, nrow=a.n)
+                           steps=a.sample_steps, sampler=a.sampler, seed=a.seed, cache=not a.no_cache).cpu()
+    save_grid(images, a.out, nrow=grid_columns(len(images), a.n))  # one row per prompt where not too narrow
     print(f"wrote {a.out}: {len(a.prompt)} prompt(s) x {a.n} (one row per prompt)")
-    if a.check:
+    if a.check_shapes:
         from ..multimodal.shapes import detect_objects, parse_caption
 
         for i, p in enumerate(a.prompt):
@@ -151,7 +153,7 @@ def cmd_eval_mm(a: argparse.Namespace) -> None:
     check_device(a.device)
     model, tok = load_multimodal(a.ckpt, device=a.device)
     ext = ShapesExtractor(model.cfg.image_size, device=a.device) if a.fid else None
-    metrics, _, _ = evaluate_model(model, tok, a.split, a.n, cfg=a.cfg, steps=a.steps, ar_steps=a.ar_steps,
+    metrics, _, _ = evaluate_model(model, tok, a.split, a.n, cfg=a.cfg, steps=a.sample_steps, ar_steps=a.ar_steps,
                                      seed=a.seed, extractor=ext)
     print(json.dumps(metrics, indent=2))
 
@@ -162,43 +164,46 @@ def add_commands(sub) -> None:
     t.set_defaults(func=cmd_train_mm)
 
     s = sub.add_parser("t2i", help="text-to-image with a multimodal checkpoint")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    s.add_argument("--ckpt", required=True, help="run directory written by train-mm")
+    s.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several; required)")
     s.add_argument("--n", type=int, default=8, help="images per prompt")
     s.add_argument("--cfg", type=float, default=3.0, help="guidance against the text-free image model (1 = none)")
     s.add_argument("--cfg-interval", default="0,1000", help="guide only for t in [LO,HI)")
     s.add_argument("--ar-steps", type=int, default=None, help="S AR steps, equal groups (default 1)")
-    s.add_argument("--groups", default=None, help="explicit group sizes, e.g. 4,4,8")
+    s.add_argument("--groups", default=None, help="explicit group sizes, e.g. 4,4,8 (default: none, --ar-steps)")
     add_order_args(s)
-    s.add_argument("--steps", type=int, default=50, help="diffusion steps per AR step (as eval-mm)")
-    s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-cache", action="store_true")
+    s.add_argument("--sample-steps", type=int, default=50, help="diffusion steps per AR step")
+    refuse(s, "--steps", STEPS_HINT)
+    s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm (ancestral) or ddim")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step (reference)")
     s.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
-    s.add_argument("--check", action="store_true", help="shapes prompts: run the colour-segmentation checker")
-    s.add_argument("--out", default="t2i.png")
+    s.add_argument("--check-shapes", action="store_true", help="shapes prompts: run the colour-segmentation checker")
+    refuse(s, "--check", "--check: the shapes checker is --check-shapes")
+    s.add_argument("--out", default=None, help="PNG grid, one row per prompt (default: CKPT/t2i.png)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.set_defaults(func=cmd_t2i)
 
     c = sub.add_parser("caption", help="caption images with a multimodal checkpoint")
-    c.add_argument("--ckpt", required=True)
+    c.add_argument("--ckpt", required=True, help="run directory written by train-mm")
     c.add_argument("--image", action="extend", nargs="+", required=True,
                    help="image(s) of the model's size: --image a.png b.png, or --image repeated")
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     c.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (default: all)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--raw", action="store_true")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed (--temperature > 0)")
+    c.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     c.add_argument("--device", default="cpu", help="cpu or cuda")
     c.set_defaults(func=cmd_caption)
 
     e = sub.add_parser("eval-mm", help="shapes metrics of a multimodal checkpoint (T2I/caption accuracy, CIDEr, FID)")
-    e.add_argument("--ckpt", required=True)
-    e.add_argument("--split", default="test", choices=["test", "heldout", "train"])
-    e.add_argument("--n", type=int, default=256)
-    e.add_argument("--cfg", type=float, default=3.0)
-    e.add_argument("--steps", type=int, default=50, help="diffusion steps per AR step")
+    e.add_argument("--ckpt", required=True, help="run directory written by train-mm")
+    e.add_argument("--split", default="test", choices=["test", "heldout", "train"], help="which shapes prompts and images")
+    e.add_argument("--n", type=int, default=256, help="number of prompts and of images")
+    e.add_argument("--cfg", type=float, default=3.0, help="guidance against the text-free image model (1 = none)")
+    e.add_argument("--sample-steps", type=int, default=50, help="diffusion steps per AR step")
+    refuse(e, "--steps", STEPS_HINT)
     e.add_argument("--ar-steps", type=int, default=None, help="S AR steps for the T2I samples (default 1)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
     e.add_argument("--fid", action="store_true", help="also FID (trains/caches the small feature CNN once)")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.set_defaults(func=cmd_eval_mm)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -19,9 +20,10 @@ def cmd_sample(a: argparse.Namespace) -> None:
     from ..devices import finalize_distributed, init_distributed
     from ..distributed import sample_in_chunks, uint8_to_images
     from ..generation_path import GenerationPath
-    from ..images import save_grid, save_npz_uint8
+    from ..images import grid_columns, save_grid, save_npz_uint8
     from ..sampling import resolve_groups, sample
 
+    a.out = a.out if a.out is not None else str(Path(a.ckpt) / "samples.png")
     check_outputs(a.out, a.npz, a.path_gif)
     env = init_distributed(a.device)  # under torchrun: every rank samples its share, rank 0 writes the files
     model = load_model(a.ckpt, ema=not a.raw, device=a.device)
@@ -60,8 +62,8 @@ def cmd_sample(a: argparse.Namespace) -> None:
         from ..digits_check import class_agreement
 
         print(f"classifier reads {100 * class_agreement(images, labels[:len(images)]):.1f}% of the samples as the requested digit")
-    nrow = a.n // len(classes) if a.n % len(classes) == 0 and len(classes) > 1 else max(1, int(a.n ** 0.5))
-    save_grid(images, a.out, nrow=nrow)
+    per_class = a.n // len(classes) if a.n % len(classes) == 0 and len(classes) > 1 else None
+    save_grid(images, a.out, nrow=grid_columns(len(images), per_class))  # one row per class where not too narrow
     print(f"wrote {a.out}")
     if a.npz:
         save_npz_uint8(arr, labels, a.npz)
@@ -78,11 +80,11 @@ def add_parser(sub) -> None:
     s.add_argument("--uncond", action="store_true", help="sample with the null class")
     s.add_argument("--n", type=int, default=100, help="number of images")
     s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    add_sampler_args(s)  # --ar-steps --groups --order --sampler --steps --cfg-interval --no-cache --seed ...
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--out", default="samples.png")
+    add_sampler_args(s)  # --ar-steps --groups --order --sampler --sample-steps --cfg-interval --no-cache --seed ...
+    s.add_argument("--batch-size", type=int, default=256, help="images per sampling batch (global under torchrun)")
+    s.add_argument("--out", default=None, help="PNG grid of the samples (default: CKPT/samples.png)")
     s.add_argument("--npz", default=None, help="also write ADM-format .npz (arr_0 uint8 NHWC, labels)")
-    s.add_argument("--per-class", type=int, default=None, help="N images of every class (sets --n; e.g. 50 for FID-50k)")
-    s.add_argument("--path-gif", default=None, help="also write an animated GIF of the generation path")
+    s.add_argument("--per-class", type=int, default=None, help="N images of every class (sets --n; e.g. 50 for FID-50k; default: use --n)")
+    s.add_argument("--path-gif", default=None, help="also write an animated GIF of the generation path (default: none)")
     s.add_argument("--check-digits", action="store_true", help="digits models: print the classifier agreement")
     s.set_defaults(func=cmd_sample)

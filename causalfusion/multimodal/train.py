@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..ar_plan import ARPlanConfig
 from ..checkpoint import (CheckpointError, check_same_config, load_training_state, load_weights, read_config,
@@ -178,7 +178,7 @@ class MMTrainer:
             log = csv.writer(f)
             if new_log:
                 log.writerow(["step", "loss", "image_loss", "text_loss", "grad_norm", "it_per_s"])
-            bar = tqdm(total=c.steps, initial=self.step, desc="train-mm", disable=not c.progress, dynamic_ncols=True)
+            bar = progress_bar(total=c.steps, initial=self.step, desc="train-mm", disable=not c.progress, dynamic_ncols=True)
             t0, s0 = time.perf_counter(), self.step
             while self.step < c.steps:
                 last = self.train_step()
