@@ -10,7 +10,7 @@ import sys
 from safetensors import SafetensorError
 
 from ..checkpoint import CheckpointError
-from . import edit, evaluate, info, multimodal, sample, train
+from . import app, edit, evaluate, info, multimodal, sample, train
 from .train import add_train_args
 
 # OSError: an output that cannot be written (a directory, a full disk, no permission), a damaged file
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (train, sample, info, evaluate, edit):
         module.add_parser(sub)
     multimodal.add_commands(sub)  # train-mm, t2i, caption, eval-mm
+    app.add_parser(sub)
     return p
 
 
