@@ -42,7 +42,7 @@ def build_app(am: core.AppModel, workdir: str | Path | None = None):
     side, scale = am.size, am.scale
     view = side * scale
     names = ""
-    if am.class_names and len(am.class_names) <= 20:
+    if am.class_names and len(am.class_names) <= 20 and am.class_names != [str(i) for i in range(am.num_classes)]:
         names = " — " + ", ".join(f"{i}: {n}" for i, n in enumerate(am.class_names))
     c = am.model.cfg
     intro = (f"**{am.ckpt}**: {side}x{side} px, {am.channels} channel(s), {c.num_tokens} tokens, "
@@ -65,9 +65,9 @@ def build_app(am: core.AppModel, workdir: str | Path | None = None):
                 seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="seed")
         sampler = [ar_steps, groups, order, sample_steps, cfg, cfg_interval, seed]
 
-        def sampler_fields(values) -> dict:
-            keys = ("ar_steps", "groups", "order", "sample_steps", "cfg", "cfg_interval", "seed")
-            return dict(zip(keys, values))
+        def sampler_fields(ar, grp, ordr, steps, scale_cfg, interval, sd) -> dict:
+            return dict(ar_steps=ar, groups=grp, order=ordr, sample_steps=steps, cfg=scale_cfg,
+                        cfg_interval=interval, seed=sd)
 
         with gr.Tab("Sample"):
             with gr.Row():
@@ -84,37 +84,40 @@ def build_app(am: core.AppModel, workdir: str | Path | None = None):
 
         with gr.Tab("Edit"):
             with gr.Row():
-                with gr.Column():
+                with gr.Column(scale=1):
                     with gr.Row():
                         pick = gr.Number(1, label="sample #", precision=0, minimum=1, elem_id="sample-index")
                         use_sample = gr.Button("Edit this sample", elem_id="use-sample")
-                    upload = gr.File(label=f"or upload a picture (cropped and resized to {side}x{side})",
-                                     type="filepath", elem_id="upload")
+                        upload = gr.UploadButton(f"Upload a picture (made {side}x{side})", type="filepath",
+                                                 elem_id="upload")
                     editor = gr.ImageEditor(
-                        label="paint the region to regenerate (mask 'painted')", type="numpy", image_mode="RGBA",
-                        sources=[], transforms=[], layers=False, canvas_size=(view, view), fixed_canvas=True,
-                        brush=gr.Brush(default_size=max(2, scale), colors=[("#ff3030", 0.7)], color_mode="fixed"),
-                        format="png", elem_id="editor")
-                with gr.Column():
-                    mask = gr.Radio(list(core.MASK_CHOICES), value="center", label="mask", elem_id="mask")
-                    fraction = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="preset mask: fraction of the side",
-                                         elem_id="mask-frac")
+                        label="image to edit: paint the region to regenerate (mask 'painted')", type="numpy",
+                        image_mode="RGBA", sources=[], transforms=[], layers=False, canvas_size=(view, view),
+                        fixed_canvas=True, height=view + 110, format="png", elem_id="editor",
+                        brush=gr.Brush(default_size=max(2, scale), colors=[("#ff3030", 0.7)], color_mode="fixed"))
+                    with gr.Row():
+                        mask = gr.Radio(list(core.MASK_CHOICES), value="center", label="mask", elem_id="mask")
+                        fraction = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="preset mask: fraction of the side",
+                                             elem_id="mask-frac")
+                with gr.Column(scale=1):
                     with gr.Row():
                         new_class = gr.Number(0, label="new class", precision=0, minimum=0,
                                               maximum=am.num_classes - 1, elem_id="new-class")
                         variations = gr.Number(4, label="variations", precision=0, minimum=1,
                                                maximum=core.MAX_IMAGES, elem_id="variations")
-                    edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
+                        edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
                     edit_status = gr.Textbox(label="status", interactive=False, elem_id="edit-status")
-            with gr.Row():
-                figure = gr.Image(label="original | masked input | variations", format="png", type="numpy",
-                                  interactive=False, elem_id="edit-figure")
-                edit_gif = gr.Image(label="generation path", type="filepath", interactive=False, elem_id="edit-path")
+                    figure = gr.Image(label="original | masked input | variations", format="png", type="numpy",
+                                      interactive=False, elem_id="edit-figure")
+                    edit_gif = gr.Image(label="generation path", type="filepath", interactive=False,
+                                        elem_id="edit-path")
 
-        def on_sample(classes_text, count, *values, progress=gr.Progress(track_tqdm=True)):
+        # gradio finds the progress tracker only among positional parameters: no *args here
+        def on_sample(classes_text, count, ar, grp, ordr, steps, scale_cfg, interval, sd,
+                      progress=gr.Progress(track_tqdm=True)):
             try:
                 r = core.run_sample(am, classes=classes_text, n=count, gif=gif_name("sample"),
-                                    **sampler_fields(values))
+                                    **sampler_fields(ar, grp, ordr, steps, scale_cfg, interval, sd))
             except Exception as e:  # noqa: BLE001  (the page shows one line; the server keeps serving)
                 return gr.skip(), gr.skip(), _message(e), gr.skip()
             return r.picture, r.gif, r.message, r.images.numpy()
@@ -142,13 +145,14 @@ def build_app(am: core.AppModel, workdir: str | Path | None = None):
             except Exception as e:  # noqa: BLE001
                 return gr.skip(), gr.skip(), _message(e)
 
-        def on_edit(held, painted, choice, frac, label, count, *values, progress=gr.Progress(track_tqdm=True)):
+        def on_edit(held, painted, choice, frac, label, count, ar, grp, ordr, steps, scale_cfg, interval, sd,
+                    progress=gr.Progress(track_tqdm=True)):
             try:
                 layers = (painted or {}).get("layers") if isinstance(painted, dict) else None
                 pixel_mask = core.build_mask(am, choice, frac, layers)
                 image = None if held is None else torch.from_numpy(np.asarray(held))
                 r = core.run_edit(am, image, pixel_mask, new_class=label, n=count, gif=gif_name("edit"),
-                                  **sampler_fields(values))
+                                  **sampler_fields(ar, grp, ordr, steps, scale_cfg, interval, sd))
             except Exception as e:  # noqa: BLE001
                 return gr.skip(), gr.skip(), _message(e)
             return r.picture, r.gif, r.message
