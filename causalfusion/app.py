@@ -52,65 +52,66 @@ def build_app(am: core.AppModel, workdir: str | Path | None = None):
         gr.Markdown(f"## CausalFusion — sample and edit\n{intro}")
         samples = gr.State(None)  # float32 [N, C, H, W] of the last sampling
         source = gr.State(None)  # float32 [C, H, W]: the image being edited, at the model's size
-        with gr.Accordion("Sampler (both tabs)", open=True):
-            with gr.Row():
+        with gr.Row():
+            with gr.Column(scale=1, min_width=240):  # the sampler, shared by both tabs
                 ar_steps = gr.Number(1, label="AR steps S", precision=0, minimum=1, elem_id="ar-steps")
                 groups = gr.Textbox("", label="or group sizes (e.g. 4,4,8)", elem_id="groups")
                 order = gr.Radio(list(ORDERS), value=am.trained_order, label="token order", elem_id="order")
-            with gr.Row():
                 sample_steps = gr.Textbox("50", label="diffusion steps per AR step (or one per AR step)",
                                           elem_id="sample-steps")
-                cfg = gr.Number(1.0, label="CFG scale (1 = none)", elem_id="cfg")
-                cfg_interval = gr.Textbox("0,1000", label="CFG interval LO,HI", elem_id="cfg-interval")
+                with gr.Row():
+                    cfg = gr.Number(1.0, label="CFG scale", min_width=80, elem_id="cfg")
+                    cfg_interval = gr.Textbox("0,1000", label="CFG interval", min_width=80, elem_id="cfg-interval")
                 seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="seed")
+            with gr.Column(scale=3):
+                with gr.Tab("Sample"):
+                    with gr.Row():
+                        classes = gr.Textbox("", label="class(es), e.g. 3 or 0,1,2 (empty: all)", elem_id="classes")
+                        n = gr.Number(8, label="number of images", precision=0, minimum=1, maximum=core.MAX_IMAGES,
+                                      elem_id="n")
+                        sample_btn = gr.Button("Sample", variant="primary", elem_id="sample-btn")
+                    sample_status = gr.Textbox(label="status", interactive=False, elem_id="sample-status")
+                    with gr.Row():
+                        grid = gr.Image(label="samples", format="png", type="numpy", interactive=False,
+                                        elem_id="sample-grid")
+                        sample_gif = gr.Image(label="generation path", type="filepath", interactive=False,
+                                              elem_id="sample-path")
+                with gr.Tab("Edit"):
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            with gr.Row():
+                                pick = gr.Number(1, label="sample #", precision=0, minimum=1, min_width=80,
+                                                 elem_id="sample-index")
+                                use_sample = gr.Button("Edit this sample", elem_id="use-sample")
+                            upload = gr.UploadButton(f"or upload a picture (made {side}x{side})", type="filepath",
+                                                     elem_id="upload")
+                            editor = gr.ImageEditor(
+                                label="paint the mask", type="numpy",
+                                image_mode="RGBA", sources=[], transforms=[], layers=False, canvas_size=(view, view),
+                                fixed_canvas=True, height=view + 90, format="png", elem_id="editor",
+                                brush=gr.Brush(default_size=max(2, scale), colors=[("#ff3030", 0.7)],
+                                               color_mode="fixed"))
+                        with gr.Column(scale=1):
+                            mask = gr.Radio(list(core.MASK_CHOICES), value="center", label="mask", elem_id="mask")
+                            fraction = gr.Slider(0.05, 1.0, value=0.5, step=0.05,
+                                                 label="preset mask: fraction of the side", elem_id="mask-frac")
+                            with gr.Row():
+                                new_class = gr.Number(0, label="new class", precision=0, minimum=0,
+                                                      maximum=am.num_classes - 1, min_width=80, elem_id="new-class")
+                                variations = gr.Number(4, label="variations", precision=0, minimum=1,
+                                                       maximum=core.MAX_IMAGES, min_width=80, elem_id="variations")
+                            edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
+                            edit_status = gr.Textbox(label="status", interactive=False, lines=2, elem_id="edit-status")
+                    with gr.Row():
+                        figure = gr.Image(label="original | masked input | variations", format="png", type="numpy",
+                                          interactive=False, height=view // 2 + 60, scale=3, elem_id="edit-figure")
+                        edit_gif = gr.Image(label="generation path", type="filepath", interactive=False,
+                                            height=view // 2 + 60, scale=1, elem_id="edit-path")
         sampler = [ar_steps, groups, order, sample_steps, cfg, cfg_interval, seed]
 
         def sampler_fields(ar, grp, ordr, steps, scale_cfg, interval, sd) -> dict:
             return dict(ar_steps=ar, groups=grp, order=ordr, sample_steps=steps, cfg=scale_cfg,
                         cfg_interval=interval, seed=sd)
-
-        with gr.Tab("Sample"):
-            with gr.Row():
-                classes = gr.Textbox("", label="class(es), e.g. 3 or 0,1,2 (empty: all)", elem_id="classes")
-                n = gr.Number(8, label="number of images", precision=0, minimum=1, maximum=core.MAX_IMAGES,
-                              elem_id="n")
-                sample_btn = gr.Button("Sample", variant="primary", elem_id="sample-btn")
-            sample_status = gr.Textbox(label="status", interactive=False, elem_id="sample-status")
-            with gr.Row():
-                grid = gr.Image(label="samples", format="png", type="numpy", interactive=False,
-                                elem_id="sample-grid")
-                sample_gif = gr.Image(label="generation path", type="filepath", interactive=False,
-                                      elem_id="sample-path")
-
-        with gr.Tab("Edit"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    with gr.Row():
-                        pick = gr.Number(1, label="sample #", precision=0, minimum=1, elem_id="sample-index")
-                        use_sample = gr.Button("Edit this sample", elem_id="use-sample")
-                        upload = gr.UploadButton(f"Upload a picture (made {side}x{side})", type="filepath",
-                                                 elem_id="upload")
-                    editor = gr.ImageEditor(
-                        label="image to edit: paint the region to regenerate (mask 'painted')", type="numpy",
-                        image_mode="RGBA", sources=[], transforms=[], layers=False, canvas_size=(view, view),
-                        fixed_canvas=True, height=view + 110, format="png", elem_id="editor",
-                        brush=gr.Brush(default_size=max(2, scale), colors=[("#ff3030", 0.7)], color_mode="fixed"))
-                    with gr.Row():
-                        mask = gr.Radio(list(core.MASK_CHOICES), value="center", label="mask", elem_id="mask")
-                        fraction = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="preset mask: fraction of the side",
-                                             elem_id="mask-frac")
-                with gr.Column(scale=1):
-                    with gr.Row():
-                        new_class = gr.Number(0, label="new class", precision=0, minimum=0,
-                                              maximum=am.num_classes - 1, elem_id="new-class")
-                        variations = gr.Number(4, label="variations", precision=0, minimum=1,
-                                               maximum=core.MAX_IMAGES, elem_id="variations")
-                        edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
-                    edit_status = gr.Textbox(label="status", interactive=False, elem_id="edit-status")
-                    figure = gr.Image(label="original | masked input | variations", format="png", type="numpy",
-                                      interactive=False, elem_id="edit-figure")
-                    edit_gif = gr.Image(label="generation path", type="filepath", interactive=False,
-                                        elem_id="edit-path")
 
         # gradio finds the progress tracker only among positional parameters: no *args here
         def on_sample(classes_text, count, ar, grp, ordr, steps, scale_cfg, interval, sd,
