@@ -2,6 +2,8 @@
 editing go through the library's own ``sample`` / ``edit``."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from causalfusion.edit_masks import region_mask
 from causalfusion.editing import edit
 from causalfusion.sampling import sample
 
-from conftest import make_tiny_model, save_run
+from conftest import make_tiny_model, one_error_line, save_run
 
 FIELDS = dict(ar_steps=2, groups="", order="raster", sample_steps="3", cfg=1.0, cfg_interval="0,1000", seed=7)
 
@@ -172,3 +174,31 @@ def test_a_run_directory_loads_with_its_geometry(tmp_path):
     assert (am.size, am.channels, am.num_classes, am.scale) == (16, 1, 5, 16)
     assert am.trained_order == "random"  # a run with no plan section: the paper's order
     assert core.editor_background(torch.zeros(1, 16, 16), am).shape == (256, 256, 3)
+
+
+# ---- the command ------------------------------------------------------------------------------------
+def test_app_command_refuses_a_missing_run_and_a_bad_port_in_one_line(tmp_path, capsys):
+    from causalfusion.cli import main
+
+    pytest.importorskip("gradio")
+    assert main(["app", "--ckpt", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in one_error_line(capsys)
+    assert main(["app", "--ckpt", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port must be in 0..65535" in one_error_line(capsys)
+
+
+def test_app_command_without_gradio_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    from causalfusion.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    assert main(["app", "--ckpt", str(tmp_path)]) == 2
+    assert "pip install 'causalfusion[app]'" in one_error_line(capsys)
+
+
+def test_app_help_shows_the_defaults(capsys):
+    from causalfusion.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["app", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 127.0.0.1)" in out and "(default: 7860)" in out
