@@ -10,7 +10,7 @@ import sys
 from safetensors import SafetensorError
 
 from ..checkpoint import CheckpointError
-from . import convert, edit, evaluate, info, multimodal, sample, train
+from . import app, convert, edit, evaluate, info, multimodal, sample, train
 from .common import DefaultsHelpFormatter
 from .train import add_train_args
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (train, sample, info, evaluate, edit, convert):
         module.add_parser(sub)
     multimodal.add_commands(sub)  # train-mm, t2i, caption, eval-mm
+    app.add_parser(sub)
     return p
 
 
