@@ -79,13 +79,14 @@ class CompiledForward:
     same inputs and output as ``CausalFusion.forward`` (the ``run_model`` of ``objective.noised_loss``),
     the clean prefix padded to ``clean_bucket`` so that shapes come from a small set."""
 
-    def __init__(self, model: CausalFusion, clean_bucket: int = CLEAN_BUCKET, max_masks: int = 64):
+    def __init__(self, model: CausalFusion, clean_bucket: int = CLEAN_BUCKET, max_masks: int = 64,
+                 backend: str = "inductor"):
         if clean_bucket < 1:
             raise ValueError(f"clean bucket must be >= 1, got {clean_bucket}")
         self.model, self.clean_bucket = model, clean_bucket
         self.graphs = training_graph_count(model.cfg.num_tokens, clean_bucket)
         allow_recompiles(2 * self.graphs)  # x2: a shared or a per-token t
-        self._compiled = torch.compile(model.forward_sequence, dynamic=False)
+        self._compiled = torch.compile(model.forward_sequence, dynamic=False, backend=backend)
         self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # a mask is built once per split
         self.max_masks = max_masks
         self.shapes_seen: set[tuple] = set()
