@@ -67,6 +67,7 @@ def test_clean_prefix_buckets_bound_the_shapes():
 def test_random_s_run_compiles_at_most_the_bucket_count():
     """Dynamo's graph count (the cheap 'eager' backend: the bucketing, not inductor, is under test)."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graphs of earlier tests
     model = CausalFusion(ModelConfig(**TINY))
     run = CompiledForward(model, clean_bucket=4, backend="eager")
     b, num_tokens = 2, model.cfg.num_tokens
