@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import attend
 from .diffusion import PREDICTIONS
 from .kv_cache import KVCache
 from .masks import generalized_causal_mask
@@ -159,7 +160,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:  # keys/values of the prefix come from the cache; ours are written after it
             k, v = cache.write(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -235,7 +236,8 @@ class CausalFusion(nn.Module):
         return tok.repeat(1, self.cfg.class_repeat, 1) + self.cond_pos
 
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch tokens [B, n, P] at raster positions [B, n] (and timesteps [B, n] if noisy) -> [B, n, D]."""
+        """Patch tokens [B, n, P] at raster positions [B, n] (and timesteps [B, n], or [B, 1] shared by the
+        row's tokens, if noisy) -> [B, n, D]."""
         # F.embedding, not pos_embed[positions]: indexing's backward (index_put with accumulate) sums the
         # repeated positions in a thread-dependent order on CPU, so learnable positions would not train
         # bit-reproducibly (nor resume bit-identically); embedding's backward does.
@@ -271,8 +273,16 @@ class CausalFusion(nn.Module):
         Returns output tokens [B, K, L, P] in AR order (eps, or v with ``prediction="v"``).
         """
         order = self._check_forward_shapes(x0, xt, t, y, group_sizes, order)
+        mask = generalized_causal_mask(group_sizes, self.cfg.num_cond, xt.shape[1], device=x0.device)
+        return self.forward_sequence(x0, xt, shared_timesteps(t), y, order, num_tokens_before_last(group_sizes), mask)
+
+    def forward_sequence(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                         order: torch.Tensor, n_clean: int, mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` after its checks, with no Python-side work (what ``compiling`` compiles): t [B, K, L],
+        or [B, K, 1] when shared by all tokens; order [B, L]; the first ``n_clean`` tokens in AR order
+        enter clean; mask bool [N, N] for N = C + n_clean + K * L. -> [B, K, L, P], AR order."""
         b, k = xt.shape[:2]
-        num_tokens, n_clean = self.cfg.num_tokens, num_tokens_before_last(group_sizes)
+        num_tokens = self.cfg.num_tokens
         idx = order[..., None].expand(b, num_tokens, self.cfg.patch_dim)
         clean = torch.gather(self.patchify(x0), 1, idx)[:, :n_clean]
         noisy = torch.gather(self.patchify(xt.flatten(0, 1)), 1, idx.repeat_interleave(k, 0))
@@ -281,7 +291,6 @@ class CausalFusion(nn.Module):
             self.embed_tokens(clean, order[:, :n_clean]),
             self.embed_tokens(noisy, order.repeat_interleave(k, 0), t.flatten(0, 1)).view(b, k * num_tokens, -1),
         ], dim=1)
-        mask = generalized_causal_mask(group_sizes, self.cfg.num_cond, k, device=h.device)
         h = self.run_blocks(h, mask)
         return self.output(h[:, -k * num_tokens:]).view(b, k, num_tokens, self.cfg.patch_dim)
 
@@ -309,18 +318,23 @@ class CausalFusion(nn.Module):
     def predict_one_step(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """S=1: noisy images [B, C, H, W], timesteps [B], labels [B] -> output [B, C, H, W]
         (eps, or v when ``cfg.prediction`` is "v")."""
-        t_tok = t[:, None].expand(xt.shape[0], self.cfg.num_tokens)
-        return self.unpatchify(self.output(self.hidden_one_step(xt, y, t_tok)))
+        return self.unpatchify(self.output(self.hidden_one_step(xt, y, t[:, None])))
 
     def hidden_one_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """The S=1 sequence [condition | L image tokens in raster order]: images [B, C, H, W], labels
-        [B], timesteps [B, L] (None: clean tokens, no timestep) -> image-token hidden states [B, L, D].
+        [B], timesteps [B, L] or [B, 1] (None: clean tokens, no timestep) -> image-token hidden states [B, L, D].
         Condition tokens see themselves, image tokens see the condition and each other."""
         b, num_tokens = x.shape[0], self.cfg.num_tokens
         raster = torch.arange(num_tokens, device=x.device).expand(b, num_tokens)
         h = torch.cat([self.embed_cond(y), self.embed_tokens(self.patchify(x), raster, t)], dim=1)
         mask = generalized_causal_mask([num_tokens], self.cfg.num_cond, device=h.device)
         return self.run_blocks(h, mask)[:, -num_tokens:]
+
+
+def shared_timesteps(t: torch.Tensor) -> torch.Tensor:
+    """t [..., L] -> [..., 1] when every token of a row has the same timestep (the default plan):
+    the timestep MLP then runs once per row instead of once per token (its result is broadcast)."""
+    return t[..., :1] if t.shape[-1] > 1 and bool((t == t[..., :1]).all()) else t
 
 
 def num_tokens_before_last(group_sizes: list[int]) -> int:

@@ -30,13 +30,15 @@ def causalfusion_loss(
     y: torch.Tensor,
     plan_cfg: ARPlanConfig,
     generator: torch.Generator | None = None,
+    run_model: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ARPlan]:
-    """Scalar loss for clean images x0 [B, C, H, W] and (already label-dropped) classes y [B]."""
+    """Scalar loss for clean images x0 [B, C, H, W] and (already label-dropped) classes y [B];
+    ``run_model`` as in ``noised_loss`` (e.g. ``compiling.CompiledForward``)."""
     diffusion.check_model(model.cfg.prediction)
     device = x0.device
     plan, noise = draw_plan_and_noise(plan_cfg, x0.shape[0], model.cfg, diffusion.num_timesteps, generator)
     loss = noised_loss(model, diffusion, x0, y, plan.order.to(device), plan.t.to(device), noise.to(device),
-                       plan.group_sizes, plan.weights.to(device))
+                       plan.group_sizes, plan.weights.to(device), run_model)
     return loss, plan
 
 

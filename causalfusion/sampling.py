@@ -264,6 +264,7 @@ def sample(
     precision: str = "fp32",
     known: torch.Tensor | None = None,
     known_tokens: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Next-token(s) diffusion. labels [B] (``num_classes`` = unconditional) -> images [B, C, H, W].
     ``labels`` may also be a ``Condition`` (any condition tokens, e.g. a text prompt's,
@@ -277,7 +278,8 @@ def sample(
     t in [lo, hi); ``first_index`` the global index of the first sample (per-sample seeding);
     ``cache=False`` the uncached reference; ``path`` an optional ``GenerationPath`` recorder;
     ``precision`` ``fp32`` or ``bf16`` (the model under autocast, as in training; the sampler's
-    arithmetic stays fp32).
+    arithmetic stays fp32); ``compile`` runs the model calls through ``torch.compile``
+    (``compiling.CompiledCachedRunner``; needs the cache).
 
     Editing (``causalfusion.editing``): ``known`` images [B, C, H, W] (model space) and
     ``known_tokens`` bool [L] or [B, L] (raster token index, True = kept; the same count in every
@@ -289,6 +291,8 @@ def sample(
     c = model.cfg
     check_cfg(cfg, cfg_interval)
     check_sampler(sampler, eta, precision)
+    if compile and not cache:
+        raise ValueError("compiled sampling runs on the KV cache; drop cache=False (--no-cache) or compile")
     device = next(model.parameters()).device
     cond = _condition(model, labels, cfg, device)
     b = cond.rows // 2 if cfg != 1.0 else cond.rows
@@ -309,7 +313,7 @@ def sample(
     order_idx = order[..., None].expand(b, num_tokens, patch_dim)
     # bf16: the model runs under autocast (as in training); the sampler's arithmetic stays fp32
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        runner = (CachedRunner if cache else UncachedRunner)(model, cond)
+        runner = _runner(cache, compile)(model, cond)
         schedules = {n: Diffusion(prediction=c.prediction).respace(n) for n in set(per_step)}
         x = torch.zeros(b, num_tokens, patch_dim, device=device)  # AR order; finished groups are clean
         bar = progress_bar(total=sum(per_step), desc="sampling", disable=not progress, leave=False)
@@ -347,6 +351,13 @@ def sample(
     if path is not None:
         path.finish(images)
     return images
+
+
+def _runner(cache: bool, compile: bool) -> type:
+    if compile:
+        from .compiling import CompiledCachedRunner
+        return CompiledCachedRunner
+    return CachedRunner if cache else UncachedRunner
 
 
 def _known_tokens(known: torch.Tensor | None, known_tokens: torch.Tensor | None, b: int, c) -> torch.Tensor | None:

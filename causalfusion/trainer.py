@@ -185,6 +185,7 @@ class Trainer:
     cfg: TrainConfig
     resume: bool = False
     dataset: Dataset | None = None
+    compile: bool = False  # torch.compile the model's forward and backward (``compiling.CompiledForward``)
     step: int = field(init=False, default=0)
     # losses since the last log.csv row (saved with the checkpoint: a resumed run logs the same means)
     log_window: list[float] = field(init=False, default_factory=list)
@@ -209,6 +210,10 @@ class Trainer:
         self.model = CausalFusion(self.model_cfg).to(c.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = adamw(self.model.parameters(), c.lr, c.adam_eps)
+        self._forward, self._compile_report = None, None  # None: eager
+        if self.compile:
+            from .compiling import CompiledForward, FirstCompileReport
+            self._forward, self._compile_report = CompiledForward(self.model), FirstCompileReport()
         self.diffusion = Diffusion(prediction=self.model_cfg.prediction)
         self.gen = torch.Generator().manual_seed(c.seed)
         self.stream = BatchStream(d, c.batch_size, self.gen)
@@ -262,10 +267,13 @@ class Trainer:
         set_lr(self.opt, self.lr_at(self.step))
         self.model.train()
         with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
-            loss, plan = causalfusion_loss(self.model, self.diffusion, x0.to(dev), y.to(dev), self.plan_cfg, self.gen)
+            loss, plan = causalfusion_loss(self.model, self.diffusion, x0.to(dev), y.to(dev), self.plan_cfg, self.gen,
+                                           self._forward)
         check_finite(loss, self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self._compile_report and self.is_main:
+            self._compile_report.report(tqdm.write)
         gnorm = apply_gradients(self.model, self.ema, self.opt, c.grad_clip, self.ema_decay_at(self.step), self.step)
         self.step += 1
         return {"loss": loss.item(), "grad_norm": gnorm, "lr": self.lr_at(self.step - 1), "ar_steps": plan.num_steps}

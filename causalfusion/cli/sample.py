@@ -47,7 +47,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
     labels = torch.tensor(classes).repeat(-(-a.n // len(classes)))[: a.n].sort(stable=True).values
     path = GenerationPath() if a.path_gif else None
     kw = dict(opts, groups=groups, sampler=a.sampler, eta=a.eta, cfg=a.cfg, seed=a.seed, cache=not a.no_cache,
-              block=a.block, dilation=a.dilation, precision=a.precision)
+              block=a.block, dilation=a.dilation, precision=a.precision, compile=a.compile)
     t0 = time.perf_counter()
     arr = sample_in_chunks(a.n, a.batch_size, lambda s, e: finite_images(decode_in_batches(ae, sample(
         model, labels[s:e], first_index=s, progress=env.is_main, path=path if s == 0 else None, **kw))), env)
@@ -87,4 +87,6 @@ def add_parser(sub) -> None:
     s.add_argument("--per-class", type=int, default=None, help="N images of every class (sets --n; e.g. 50 for FID-50k; default: use --n)")
     s.add_argument("--path-gif", default=None, help="also write an animated GIF of the generation path (default: none)")
     s.add_argument("--check-digits", action="store_true", help="digits models: print the classifier agreement")
+    s.add_argument("--compile", action="store_true",
+                   help="run the model through torch.compile (needs the cache; see docs/performance.md)")
     s.set_defaults(func=cmd_sample)

@@ -1,0 +1,85 @@
+"""The compiled path (``--compile``) computes what the eager one does, with a bounded number of graphs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from causalfusion.ar_plan import ARPlanConfig, random_group_sizes
+from causalfusion.compiling import (CompiledForward, padded_causal_mask, padded_clean_length, training_graph_count)
+from causalfusion.masks import generalized_causal_mask
+from causalfusion.models import CausalFusion, ModelConfig, num_tokens_before_last
+from causalfusion.sampling import sample
+from causalfusion.trainer import TrainConfig, Trainer
+
+from conftest import make_tiny_model
+
+# one block keeps the compile time of the inductor graphs in the test budget
+TINY = dict(image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+            class_tokens=2)
+
+
+def test_training_losses_of_20_compiled_steps_match_eager(tmp_path):
+    """fp32, S=2 equal groups: 8 clean tokens padded to 16 (the bucket), so padding is exercised."""
+    losses = {}
+    for compiled in (False, True):
+        cfg = TrainConfig(out=str(tmp_path / str(compiled)), steps=20, batch_size=8, lr=1e-3, warmup=2,
+                          sample_every=0, progress=False)
+        trainer = Trainer(ModelConfig(**TINY), ARPlanConfig(fixed_steps=2), cfg, compile=compiled)
+        losses[compiled] = torch.tensor([trainer.train_step()["loss"] for _ in range(20)])
+    assert losses[True][-1] < losses[True][0]  # it trains
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=0)
+
+
+def test_compiled_sampling_matches_eager():
+    """fp32, S=2 (a masked static-layout cache call, a commit, and a full one) with guidance."""
+    model = make_tiny_model(depth=1)
+    labels = torch.tensor([0, 1, 2, 3])
+    kw = dict(ar_steps=2, steps=3, cfg=2.0, seed=1)
+    eager = sample(model, labels, **kw)
+    compiled = sample(model, labels, compile=True, **kw)
+    assert not torch.equal(eager, sample(model, labels, **{**kw, "seed": 2}))  # the tolerance is tight enough
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * float(eager.abs().max()))
+    with pytest.raises(ValueError, match="KV cache"):
+        sample(model, labels, compile=True, cache=False, **kw)
+
+
+def test_padded_mask_leaves_every_real_row_as_it_was():
+    sizes, num_cond, copies = [3, 2, 4], 2, 2
+    n_clean = num_tokens_before_last(sizes)
+    plain = generalized_causal_mask(sizes, num_cond, copies)
+    padded = padded_causal_mask(sizes, num_cond, copies, n_pad=8)
+    n0, p = num_cond + n_clean, 8 - n_clean
+    real = torch.cat([torch.arange(n0), torch.arange(n0 + p, padded.shape[0])])
+    assert torch.equal(padded[real][:, real], plain)
+    assert not padded[:, n0:n0 + p].any()  # nobody sees a padding token
+    assert padded[n0:n0 + p].any(1).all()  # and no padding row is empty (NaN)
+
+
+def test_clean_prefix_buckets_bound_the_shapes():
+    assert [padded_clean_length(n, 256, 32) for n in (0, 1, 32, 33, 255)] == [0, 32, 32, 64, 256]
+    assert training_graph_count(256, 32) == 9 and training_graph_count(16, 32) == 2
+    g = torch.Generator().manual_seed(0)
+    pads = {padded_clean_length(num_tokens_before_last(random_group_sizes(256, s, g)), 256, 32)
+            for s in range(1, 257)}
+    assert len(pads) <= training_graph_count(256, 32)
+
+
+def test_random_s_run_compiles_at_most_the_bucket_count():
+    """Dynamo's graph count (the cheap 'eager' backend: the bucketing, not inductor, is under test)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graphs of earlier tests
+    model = CausalFusion(ModelConfig(**TINY))
+    run = CompiledForward(model, clean_bucket=4, backend="eager")
+    b, num_tokens = 2, model.cfg.num_tokens
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(b, 1, 8, 8, generator=g)
+    seen = set()
+    for s in range(1, num_tokens + 1):
+        sizes = random_group_sizes(num_tokens, s, g)
+        seen.add(padded_clean_length(num_tokens_before_last(sizes), num_tokens, 4))
+        t = torch.randint(0, 1000, (b, 1, 1), generator=g).expand(b, 1, num_tokens)
+        args = (x0, torch.randn(b, 1, 1, 8, 8, generator=g), t, torch.tensor([1, 2]), sizes,
+                torch.randperm(num_tokens, generator=g))
+        torch.testing.assert_close(run(*args), model(*args), rtol=1e-5, atol=1e-5)  # padding changes nothing
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert len(seen) > 1 and frames <= training_graph_count(num_tokens, 4) == 5
