@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from .progress import progress_bar
+from tqdm import tqdm
 
 from .ar_plan import ARPlanConfig
 from .checkpoint import (CheckpointError, check_autoencoder_entry, check_same_config, load_training_state, read_config,
@@ -27,6 +27,7 @@ from .diffusion import Diffusion
 from .files import NewFiles, check_dir_path, write_text
 from .images import grid_columns, save_grid
 from .models import CausalFusion, ModelConfig
+from .progress import progress_bar
 from .objective import causalfusion_loss, drop_labels
 from .one_step_sampler import sample_one_step
 from .sampling import check_seed
