@@ -256,15 +256,19 @@ class DistributedTrainer(Trainer):
 
 
 def make_trainer(model_cfg: ModelConfig, plan_cfg: ARPlanConfig, train_cfg: TrainConfig, dataset: Dataset,
-                 resume: bool = False, scale: ScaleConfig | None = None) -> Trainer:
+                 resume: bool = False, scale: ScaleConfig | None = None, compile: bool = False) -> Trainer:
     """``Trainer`` for a plain single-process run, ``DistributedTrainer`` under torchrun or with
     FSDP2 / accumulation / checkpointing (one process and none of those: the two are identical), and
     for a resumed run that saved its scale (so that config.json records the one it continues with).
-    ``scale`` None: a resumed run's saved one (``scale_config``), else the defaults."""
+    ``scale`` None: a resumed run's saved one (``scale_config``), else the defaults. ``compile``: the
+    compiled forward/backward (``compiling.CompiledForward``), single-process ``Trainer`` only."""
     scale = scale if scale is not None else scale_config(train_cfg.out, resume)
     if launched_by_torchrun() or scale != ScaleConfig() or (resume and "scale" in read_config(train_cfg.out)):
+        if compile:
+            raise ValueError("--compile trains in one process without --strategy/--grad-accum/--grad-ckpt; "
+                             "leave it out under torchrun or with those")
         return DistributedTrainer(model_cfg, plan_cfg, train_cfg, resume=resume, dataset=dataset, scale=scale)
-    return Trainer(model_cfg, plan_cfg, train_cfg, resume=resume, dataset=dataset)
+    return Trainer(model_cfg, plan_cfg, train_cfg, resume=resume, dataset=dataset, compile=compile)
 
 
 # ---- sampling ------------------------------------------------------------------------------------

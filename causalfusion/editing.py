@@ -96,6 +96,7 @@ def edit(
     path: GenerationPath | None = None,
     progress: bool = False,
     precision: str = "fp32",
+    compile: bool = False,
 ) -> torch.Tensor:
     """Regenerate the masked region of ``image`` as ``class_label``, ``n`` variations per image.
 
@@ -127,7 +128,7 @@ def edit(
     out = sample(model, labels.repeat_interleave(n), ar_steps=ar_steps, groups=groups, order=order, steps=steps,
                  sampler=sampler, eta=eta, cfg=cfg, cfg_interval=cfg_interval, seed=seed, first_index=first_index,
                  cache=cache, block=block, dilation=dilation, path=path, progress=progress, precision=precision,
-                 known=known, known_tokens=~regen)
+                 compile=compile, known=known, known_tokens=~regen)
     return out if autoencoder is None else autoencoder.decode(out)
 
 
@@ -175,6 +176,7 @@ def edit_accuracy(
     cache: bool = True,
     fraction: float | None = None,
     progress: bool = False,
+    compile: bool = False,
 ) -> list[dict]:
     """Edit held-out digits to a new class and ask the digits classifier what it reads.
 
@@ -204,7 +206,7 @@ def edit_accuracy(
     baseline_old = float((read == y.numpy()).mean())
     order, block, dilation = model_order(model, order, block, dilation)
     kw = dict(steps=steps, sampler=sampler, eta=eta, cfg_interval=cfg_interval, seed=seed, cache=cache,
-              progress=progress, precision=precision)
+              progress=progress, precision=precision, compile=compile)
     rows = []
     for cfg in cfgs:
         gen = torch.cat([sample(model, target[s:s + batch_size], cfg=cfg, first_index=s, **kw)

@@ -83,3 +83,28 @@ def test_random_s_run_compiles_at_most_the_bucket_count():
         torch.testing.assert_close(run(*args), model(*args), rtol=1e-5, atol=1e-5)  # padding changes nothing
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert len(seen) > 1 and frames <= training_graph_count(num_tokens, 4) == 5
+
+
+def test_compiled_edit_matches_eager_and_keeps_the_visible_tokens():
+    """An edit's known tokens are the first AR step: the compiled cache gets them as its prefix."""
+    from causalfusion.editing import edit
+
+    model = make_tiny_model(depth=1)
+    image = torch.rand(1, model.cfg.in_channels, 8, 8) * 2 - 1
+    kw = dict(n=2, ar_steps=2, steps=3, cfg=2.0, seed=1)
+    eager = edit(model, image, "top", 3, **kw)
+    compiled = edit(model, image, "top", 3, compile=True, **kw)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * float(eager.abs().max()))
+    assert torch.equal(compiled[:, :, 4:], image.expand(2, -1, -1, -1)[:, :, 4:])  # bottom half kept as given
+
+
+def test_train_compile_reaches_the_trainer_and_is_refused_where_it_does_not_apply(tmp_path):
+    from causalfusion.distributed import ScaleConfig, make_trainer
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=1, batch_size=4, sample_every=0, progress=False)
+    trainer = make_trainer(ModelConfig(**TINY), ARPlanConfig(), cfg, None, compile=True)
+    assert trainer.compile and type(trainer) is Trainer
+    with pytest.raises(ValueError, match="--compile trains in one process"):
+        make_trainer(ModelConfig(**TINY), ARPlanConfig(), TrainConfig(out=str(tmp_path / "b"), steps=1),
+                     None, scale=ScaleConfig(grad_accum=2), compile=True)
+    assert not (tmp_path / "b").exists()

@@ -144,6 +144,8 @@ def add_sampler_args(p: argparse.ArgumentParser, what: str = "tokens") -> None:
     p.add_argument("--cfg-interval", default="0,1000", help="guide only for t in [LO,HI), 0 <= LO <= HI <= 1000")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step (reference)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: the model under autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model through torch.compile (needs the cache; see docs/performance.md)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (sample i's noise depends on seed and i only)")
     p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")

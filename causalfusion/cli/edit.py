@@ -38,7 +38,7 @@ def cmd_edit(a: argparse.Namespace) -> None:
                              ar_steps=a.ar_steps, order=opts["order"], steps=opts["steps"][0], sampler=a.sampler,
                              eta=a.eta, cfg_interval=opts["cfg_interval"], block=a.block, dilation=a.dilation,
                              precision=a.precision, seed=a.seed, batch_size=a.batch_size, cache=not a.no_cache,
-                             fraction=a.mask_frac)
+                             fraction=a.mask_frac, compile=a.compile)
         print(format_accuracy(rows))
         if a.json:
             write_json(a.json, rows)
@@ -63,14 +63,14 @@ def cmd_edit(a: argparse.Namespace) -> None:
             raise ValueError(f"got {len(classes)} --class values for {len(gen)} originals (give one, or one per original)")
         originals = ae.decode(sample(model, gen, steps=opts["steps"][0], sampler=a.sampler, eta=a.eta, cfg=cfgs[0],
                                      cfg_interval=opts["cfg_interval"], seed=a.seed, cache=not a.no_cache,
-                                     precision=a.precision))
+                                     precision=a.precision, compile=a.compile))
     labels = torch.tensor(classes)
     edits = edit(model, originals, a.mask, labels, n=a.n, fraction=a.mask_frac, ar_steps=a.ar_steps,
                  groups=opts["groups"], order=opts["order"], steps=opts["steps"], sampler=a.sampler, eta=a.eta,
                  cfg=cfgs[0], cfg_interval=opts["cfg_interval"], seed=a.seed,
                  first_index=0 if a.image else len(originals),  # generated originals are samples 0..B-1
                  cache=not a.no_cache, block=a.block, dilation=a.dilation, autoencoder=ae, progress=True,
-                 precision=a.precision)
+                 precision=a.precision, compile=a.compile)
     save_grid(edit_figure(originals, pixels, edits, a.n), a.out, nrow=a.n + 2)
     print(f"wrote {a.out}: {len(originals)} row(s) of original | masked input | {a.n} variation(s)")
     if a.npz:

@@ -22,7 +22,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
         rows = evaluate_checkpoint(a.ckpt, n=a.n, ar_steps=ints(a.ar_steps, "--ar-steps"), order=a.order,
                                    steps=a.sample_steps, cfg=a.cfg, seed=a.seed, data=a.data, inception=a.inception,
                                    ref=a.ref, raw=a.raw, device=a.device, batch_size=a.batch_size, block=a.block,
-                                   dilation=a.dilation, vae_path=a.vae_path, precision=a.precision)
+                                   dilation=a.dilation, vae_path=a.vae_path, precision=a.precision,
+                                   compile=a.compile)
         print(format_rows(rows))
     if a.json:
         write_json(a.json, rows)
@@ -117,6 +118,7 @@ def add_parser(sub) -> None:
     e.add_argument("--ref", default=None, help="reference statistics .npz (mu, sigma[, features]); default: from --data")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="sampling: bf16 runs the model under autocast")
+    e.add_argument("--compile", action="store_true", help="sample through torch.compile (see docs/performance.md)")
     e.add_argument("--vae-path", default=None, help="where a latent run's VAE weights are now (if moved); checked by sha256")
     e.add_argument("--json", default=None, help="also write the numbers as JSON (default: none)")
     e.set_defaults(func=cmd_eval)

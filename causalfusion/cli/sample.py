@@ -87,6 +87,4 @@ def add_parser(sub) -> None:
     s.add_argument("--per-class", type=int, default=None, help="N images of every class (sets --n; e.g. 50 for FID-50k; default: use --n)")
     s.add_argument("--path-gif", default=None, help="also write an animated GIF of the generation path (default: none)")
     s.add_argument("--check-digits", action="store_true", help="digits models: print the classifier agreement")
-    s.add_argument("--compile", action="store_true",
-                   help="run the model through torch.compile (needs the cache; see docs/performance.md)")
     s.set_defaults(func=cmd_sample)

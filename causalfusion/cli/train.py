@@ -102,6 +102,8 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
                    help="torchrun data parallelism: ddp (default) or fsdp (FSDP2 fully_shard)")
     g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per process and step (default 1)")
     g.add_argument("--grad-ckpt", action="store_true", default=None, help="gradient (activation) checkpointing (default: off)")
+    g.add_argument("--compile", action="store_true",
+                   help="run the model's forward and backward through torch.compile (one process; see docs/performance.md)")
 
 
 def given_flags(argv: list[str], add_args) -> dict:
@@ -149,7 +151,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         cb.check_data(dataset.name)
     # --strategy / --grad-accum left out of a resume: the run's own (config.json)
     scale = scale_config(a.out, a.resume, strategy=a.strategy, grad_accum=a.grad_accum, grad_ckpt=a.grad_ckpt)
-    trainer = make_trainer(mc, plan, tc, dataset, a.resume, scale)  # Trainer, or DistributedTrainer (torchrun, FSDP2, ...)
+    trainer = make_trainer(mc, plan, tc, dataset, a.resume, scale, compile=a.compile)  # Trainer, or DistributedTrainer (torchrun, FSDP2, ...)
     if trainer.is_main:
         print(f"model {param_count_str(sum(p.numel() for p in trainer.model.parameters()))} params, "
               f"{mc.num_tokens} tokens, data {dataset.name} ({len(dataset)} images) -> {tc.out}")
