@@ -367,6 +367,8 @@ def run_suite(name: str, settings: AblationSettings | None = None, out_root: str
     check_suite_counts(st.batch_size, st.eval_n, st.eval_steps, st.seed, st.steps)
     check_dir_path(out_root)
     out = Path(out_root) / name
+    if min(s_eval) < 1:  # before any training or writing
+        raise ValueError(f"--eval-ar-steps: every S_eval must be >= 1, got {list(s_eval)}")
     check_dir_path(out)  # (OUT/<suite> itself a file)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

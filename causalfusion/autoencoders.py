@@ -156,6 +156,9 @@ class DiffusersAutoencoder(Autoencoder):
         except (OSError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise AutoencoderError(f"cannot load the {kind} VAE from {weights}: {first}") from None
+        bad = next((k for k, v in vae.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:  # every latent and decoded image would be NaN
+            raise AutoencoderError(f"{weights} holds non-finite values (NaN or inf in tensor {bad!r})")
         cfg = vae.config
         want = DEFAULTS[kind]["channels"]
         if cfg.latent_channels != want:

@@ -359,4 +359,6 @@ def run_autoencoder(run_dir: str | Path, path: str | Path | None = None, device:
     spec = config.get("autoencoder")
     if spec is None:
         spec = {"kind": "identity", "channels": config.get("model", {}).get("in_channels", 3)}
+    if path is not None and spec.get("kind", "identity") == "identity":
+        raise ValueError(f"--vae-path applies to latent runs; {run_dir} models pixels and has no VAE")
     return autoencoder_from_spec(spec, path, device=device)

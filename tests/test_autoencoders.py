@@ -378,3 +378,16 @@ def test_bf16_vae_takes_and_gives_float32_on_the_cpu(tmp_path):
     img = bf16.decode(z)
     assert img.dtype == torch.float32 and img.min() >= -1 and img.max() <= 1
     torch.testing.assert_close(img, fp32.decode(z), atol=0.1, rtol=0)
+
+
+def test_a_vae_with_a_nan_weight_is_refused_naming_the_file_and_tensor(tmp_path):
+    from safetensors.torch import load_file
+
+    save_tiny_vae(tmp_path / "vae")
+    f = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(f))
+    name = sorted(k for k in tensors if tensors[k].is_floating_point())[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(f))
+    with pytest.raises(AutoencoderError, match=f"non-finite.*{name}"):
+        autoencoder_from_spec({"kind": "sd-vae"}, tmp_path / "vae", check=False)

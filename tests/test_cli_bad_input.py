@@ -19,8 +19,13 @@ def run_dir(tmp_path_factory):
 
 
 def snapshot(root) -> dict:
-    """Every path under ``root`` with its size and mtime: what a refused command must leave alone."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    """Every path under ``root`` with its size, mtime and content hash: what a refused command must
+    leave alone."""
+    import hashlib
+
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+            for p in root.rglob("*")}
 
 
 def refused(argv: list[str], needle: str, root, capsys) -> None:
@@ -213,3 +218,19 @@ def test_a_non_integer_autoencoder_channels_names_config_json(argv, run_dir, tmp
     (run / "config.json").write_text(json.dumps({**config, "autoencoder": {"kind": "identity", "channels": "x"}}))
     argv = [a.format(run=run, tmp=tmp_path) for a in argv]
     refused(argv, f"{run / 'config.json'}: autoencoder.channels must be a positive integer, got 'x'", tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--ckpt", "{run}", "--n", "1000000000000", "--sample-steps", "1"], "more than half of this machine's"),
+    (["sample", "--ckpt", "{run}", "--n", "1", "--sample-steps", "1", "--vae-path", "{tmp}"], "--vae-path applies to latent runs"),
+    (["edit", "--ckpt", "{run}", "--generate-class", "3", "--class", "8", "--sample-steps", "1", "--vae-path", "{tmp}"],
+     "--vae-path applies to latent runs"),
+    (["train", "--data", "digits", "--channels", "2", "--out", "{tmp}/new", *TINY], "--channels"),
+    (["ablate", "--suite", "ar-steps", "--eval-ar-steps", "0", "--steps", "1", "--out", "{tmp}/ab"], "S_eval must be >= 1"),
+])
+def test_options_that_cannot_apply_are_refused_before_any_work(argv, needle, run_dir, tmp_path, capsys):
+    """Nothing under the run or the output root changes (content hashes compared)."""
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
+    before = snapshot(run_dir)
+    refused(argv, needle, tmp_path, capsys)
+    assert snapshot(run_dir) == before

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
         raise ValueError(f"--n must be >= 1, got {a.n}")
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    check_fits_memory(a.n, model.cfg.image_size * ae.downsample, ae.image_channels)
     if a.check_digits and (a.uncond or (model.cfg.in_channels, model.cfg.image_size) != (1, 8)):
         raise ValueError("--check-digits needs class-conditional samples of an 8x8 one-channel digits model")
     if a.path_gif and model.cfg.in_channels not in (1, 3):
@@ -88,3 +90,13 @@ def add_parser(sub) -> None:
     s.add_argument("--path-gif", default=None, help="also write an animated GIF of the generation path (default: none)")
     s.add_argument("--check-digits", action="store_true", help="digits models: print the classifier agreement")
     s.set_defaults(func=cmd_sample)
+
+
+def check_fits_memory(n: int, size: int, channels: int) -> None:
+    """Refuse an --n whose uint8 samples ([n, size, size, channels], held for the grid and .npz)
+    would take more than half of this machine's memory."""
+    need = n * size * size * channels
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total // 2:
+        raise ValueError(f"--n {n} needs {need / 2**30:.1f} GiB for the {size}x{size}x{channels} samples in memory, "
+                         f"more than half of this machine's {total / 2**30:.1f} GiB; sample in several runs with --seed")
