@@ -371,3 +371,21 @@ def test_sampling_commands_take_a_checked_device(run, tmp_path, capsys):
         _one_line_error(capsys, [*cmd, "--device", "cuda:99"], "device 'cuda:99'")
     assert not out.exists()
     assert main([*cmds[0], "--device", "cpu"]) == 0 and out.is_file()
+
+
+def test_a_resumed_run_logs_the_rows_of_an_uninterrupted_one(tmp_path):
+    """Checkpoint at step 20, a log row every 25: the loss sums of steps 1-20 travel in the checkpoint."""
+    import csv
+
+    args = ["--data", "shapes:train:16", *TINY]
+    assert main(["train-mm", "--out", str(tmp_path / "a"), "--steps", "30", *args]) == 0
+    assert main(["train-mm", "--out", str(tmp_path / "b"), "--steps", "20", *args]) == 0
+    assert main(["train-mm", "--out", str(tmp_path / "b"), "--resume", "--steps", "30", "--no-progress"]) == 0
+
+    def rows(run):  # every column but it/s, a timing
+        with open(tmp_path / run / "log.csv") as f:
+            return [r[:-1] for r in csv.reader(f)]
+
+    assert [r[0] for r in rows("a")] == ["step", "25", "30"]
+    # run b also holds the row its first invocation wrote when it ended at step 20
+    assert [r for r in rows("b") if r[0] != "20"] == rows("a")

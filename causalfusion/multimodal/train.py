@@ -76,6 +76,9 @@ class MMTrainer:
     resume: bool = False
     dataset: CaptionDataset | None = None
     step: int = field(init=False, default=0)
+    # loss sums since the last log.csv row: loss, image_loss, text_loss, rows, image-first rows (saved with
+    # the checkpoint, so that a resumed run logs the same means)
+    log_sums: list[float] = field(init=False, default_factory=lambda: [0.0] * 5)
     _new_config: PendingConfig | None = field(init=False, default=None, repr=False)  # set on resume
     _new_files: NewFiles | None = field(init=False, default=None, repr=False)  # a fresh run's (see Trainer.train)
 
@@ -116,6 +119,8 @@ class MMTrainer:
             self.step = check_resume_step(self.out, int(state["step"]), c.steps)
             self.gen.set_state(extra["gen"])
             self.stream.load_state({"perm": extra["perm"], "pos": extra["pos"]})
+            if "log_sums" in extra:
+                self.log_sums = extra["log_sums"].tolist()
             self._new_config = PendingConfig(self.out, saved, config["train"])
         else:
             # before the first write: what train() takes back if it fails early
@@ -155,7 +160,8 @@ class MMTrainer:
     def save(self) -> None:
         if self._new_config:
             self._new_config.write()
-        extra = {"gen": self.gen.get_state(), **self.stream.state()}
+        extra = {"gen": self.gen.get_state(), **self.stream.state(),
+                 "log_sums": torch.tensor(self.log_sums, dtype=torch.float64)}
         save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, extra, {"data": self.dataset.name, "kind": KIND})
 
     def train(self) -> dict[str, float]:
@@ -173,7 +179,6 @@ class MMTrainer:
         if not new_log:  # rows a killed run logged after its last checkpoint
             new_log = trim_log(log_path, self.step)
         last: dict[str, float] = {}
-        sums = {"loss": 0.0, "image_loss": 0.0, "text_loss": 0.0, "n": 0, "n_text": 0}
         with open(log_path, "a", newline="") as f:
             log = csv.writer(f)
             if new_log:
@@ -182,21 +187,23 @@ class MMTrainer:
             t0, s0 = time.perf_counter(), self.step
             while self.step < c.steps:
                 last = self.train_step()
-                sums["loss"] += last["loss"]
-                sums["image_loss"] += last["image_loss"]
-                sums["n"] += 1
+                sums = self.log_sums
+                sums[0] += last["loss"]
+                sums[1] += last["image_loss"]
+                sums[3] += 1
                 if last["image_first"]:
-                    sums["text_loss"] += last["text_loss"]
-                    sums["n_text"] += 1
+                    sums[2] += last["text_loss"]
+                    sums[4] += 1
                 bar.update(1)
                 bar.set_postfix(img=f"{last['image_loss']:.3f}", txt=f"{last['text_loss']:.2f}")
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     ips = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
-                    n, nt = sums["n"], max(sums["n_text"], 1)
-                    log.writerow([self.step, f"{sums['loss'] / n:.5f}", f"{sums['image_loss'] / n:.5f}",
-                                  f"{sums['text_loss'] / nt:.4f}", f"{last['grad_norm']:.3f}", f"{ips:.2f}"])
+                    n, nt = sums[3], max(sums[4], 1)
+                    log.writerow([self.step, f"{sums[0] / n:.5f}", f"{sums[1] / n:.5f}",
+                                  f"{sums[2] / nt:.4f}", f"{last['grad_norm']:.3f}", f"{ips:.2f}"])
                     f.flush()
-                    sums = {k: 0 for k in sums}
+                    if self.step % c.log_every == 0:  # (the last step's extra row: a longer run continues the window)
+                        self.log_sums = [0.0] * 5
                 if self.step % c.ckpt_every == 0 or self.step == c.steps:
                     self.save()
             bar.close()
