@@ -151,9 +151,7 @@ def write_report(out: Path, suite, st, results: list[dict], steps: int, s_eval, 
         f"EMA {st.ema_decay}, {st.precision}; data `{st.data}`",
         f"- evaluation: EMA weights, {st.eval_n} samples per S_eval (balanced classes), DDPM {st.eval_steps} steps "
         f"per AR step, no CFG, equal-size groups; FID / precision / recall / accuracy against {ref_desc}",
-        f"- wall time: {wall:.0f} s for this invocation ({sum(bool(r.get('reused')) for r in results)} of "
-        f"{len(results)} configs reused from runs already in the output folder); per-config sums over the runs that produced the numbers: "
-        f"training {train_s:.0f} s, evaluation {eval_s:.0f} s",
+        f"- compute: training {train_s:.0f} s, evaluation {eval_s:.0f} s (summed over the configs' runs)",
         training_code(results, digest),
     ]
     if history and len(history) > 1:  # the report's numbers may come from runs of several invocations
