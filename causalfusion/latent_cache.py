@@ -282,6 +282,15 @@ class LatentDataset(Dataset):
             mean[row] = self._handle(shard).get_slice(key)[off:off + 1][0].float()
             if draw:
                 std[row] = self._handle(shard).get_slice(key.replace("mean", "std"))[off:off + 1][0].float()
+        bad = ~torch.isfinite(mean).flatten(1).all(1)
+        if draw:
+            bad |= ~torch.isfinite(std).flatten(1).all(1)
+        if bad.any():  # a damaged shard: training would stop at a NaN loss and blame itself
+            row = int(bad.nonzero()[0])
+            key = "mean_flip" if flip is not None and bool(flip[row]) else "mean"
+            path = self.root / self.index["shards"][int(index[row]) // size]["file"]
+            raise CacheError(f"latent cache shard {path} holds non-finite values (NaN or inf in tensor {key!r} "
+                             f"or its std); delete it and run cache-latents again")
         return sample_posterior(mean, std, seeds) if draw else mean
 
     def __getstate__(self):  # safe_open handles do not pickle; reopen lazily

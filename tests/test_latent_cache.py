@@ -386,3 +386,25 @@ def test_a_non_empty_directory_without_a_cache_is_refused(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cache_latents(ds, tmp_path / "empty", IdentityAutoencoder(3), progress=False)["complete"]
     assert cache_latents(ds, tmp_path / "empty", IdentityAutoencoder(3), progress=False)["complete"]
+
+
+def test_a_shard_with_a_nan_latent_is_named_when_read(world, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from causalfusion.latent_cache import CacheError
+
+    shutil.copytree(world / "cache", tmp_path / "cache")
+    lat = open_latent_cache(tmp_path / "cache")
+    shard = tmp_path / "cache" / lat.index["shards"][1]["file"]
+    with safe_open(str(shard), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["mean"][0].view(-1)[0] = float("nan")
+    save_file(tensors, str(shard), metadata=meta)
+    lat = open_latent_cache(tmp_path / "cache")
+    size = lat.index["shard_size"]
+    assert torch.isfinite(lat.get(torch.tensor([0, size + 1]))).all()  # other rows read as before
+    with pytest.raises(CacheError, match=f"{shard.name} holds non-finite values .*'mean'"):
+        lat.get(torch.tensor([0, size]))

@@ -311,6 +311,17 @@ def test_damaged_reference_files_are_one_clear_line(tmp_path):
             load_reference_stats(tmp_path / name)
         assert name in str(err.value) and len(str(err.value).splitlines()) == 1
     assert load_reference_stats(good).mu.shape == (3,)
+    np.savez(tmp_path / "nan.npz", mu=np.array([0.0, np.nan, 0.0]), sigma=np.eye(3))
+    with pytest.raises(ValueError, match="nan.npz holds non-finite values .*'mu'"):
+        load_reference_stats(tmp_path / "nan.npz")
+
+
+def test_inception_weights_with_a_nan_are_refused_naming_the_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.full((2, 2048), float("nan")), "fc.bias": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="non-finite values .*'fc.weight'"):
+        load_inception_weights(tmp_path / "w.safetensors")
 
 
 # ---- exact small cases (from mutation testing) -----------------------------------------------------

@@ -251,6 +251,9 @@ def load_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
                          f"{hint}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat {{name: tensor}} state dict; {hint}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # every feature, FID and IS would be NaN
+        raise ValueError(f"{path} holds non-finite values (NaN or inf in tensor {bad!r})")
     return _clean_state_dict(state)
 
 

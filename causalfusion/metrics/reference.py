@@ -102,4 +102,7 @@ def load_reference_stats(path: str | Path) -> ReferenceStats:
         raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a [D] / [D, D] pair")
+    for name, arr in (("mu", mu), ("sigma", sigma)) + ((("features", features),) if features is not None else ()):
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise ValueError(f"{path} holds non-finite values (NaN or inf in array {name!r})")
     return ReferenceStats(mu, sigma, features, extractor)
