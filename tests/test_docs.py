@@ -384,12 +384,42 @@ def test_every_option_has_help_and_a_shown_default():
 
 
 # what each flag that several commands share means; a flag in two commands must be listed here
-FLAG_MEANINGS = {
+FLAG_MEANINGS = {  # every flag that more than one command takes, with its one meaning
     "--steps": "training steps", "--sample-steps": "diffusion steps per AR step",
-    "--eval-sample-steps": "diffusion steps per AR step of in-loop evaluation", "--n": "number of images",
-    "--out": "output path", "--ckpt": "run to load", "--ar-steps": "number of AR steps",
-    "--no-progress": "progress bars off", "--precision": "fp32 or bf16",
+    "--eval-sample-steps": "diffusion steps per AR step of in-loop evaluation",
+    "--n": "number of images (per original / prompt where there are several)",
+    "--out": "output path", "--ckpt": "run or model folder to load", "--ar-steps": "number of AR steps",
+    "--no-progress": "progress bars off", "--precision": "fp32 or bf16", "--compile": "torch.compile the model",
+    "--adam-eps": "AdamW epsilon", "--batch-size": "images (or sequences) per batch", "--block": "block-order tile",
+    "--cfg": "guidance scale", "--cfg-interval": "guidance interval in timesteps", "--channels": "image channels",
+    "--ckpt-every": "training steps between checkpoints", "--class": "class id(s) to generate",
+    "--class-tokens": "in-context class tokens", "--config": "a paper configuration", "--data": "dataset spec",
+    "--depth": "transformer blocks", "--device": "torch device", "--dilation": "dilated-order stride",
+    "--ema-decay": "EMA decay", "--eta": "DDIM eta", "--eval-ar-steps": "S_eval of in-loop evaluation",
+    "--eval-n": "samples per evaluation", "--gamma": "AR-step decay", "--groups": "explicit AR group sizes",
+    "--hidden-size": "transformer width", "--image": "input image file(s)", "--image-size": "image side in pixels",
+    "--inception": "Inception-v3 weights file", "--json": "also write JSON", "--lam": "loss weight of the first AR step",
+    "--lr": "learning rate", "--no-cache": "no KV cache", "--npz": "ADM-format .npz of samples",
+    "--num-heads": "attention heads", "--order": "token order name", "--patch-size": "token side",
+    "--permutation": "explicit token order", "--prediction": "eps or v", "--preset": "model size",
+    "--raw": "raw weights instead of EMA", "--ref": "reference statistics .npz", "--resume": "continue a run",
+    "--sampler": "ddpm or ddim", "--seed": "random seed", "--vae": "latent space", "--vae-path": "VAE weights folder",
+    "--warmup": "warm-up steps",
 }
+
+
+def test_every_shared_flag_has_one_declared_meaning():
+    """A flag taken by two or more commands is listed in FLAG_MEANINGS: a new flag that reuses a name
+    with another meaning must be renamed (or declared here and made to mean the same)."""
+    commands: dict[str, set] = {}
+    for name, _, a in _options():
+        if type(a).__name__ != "Renamed":
+            for o in a.option_strings:
+                if o.startswith("--") and o != "--help":
+                    commands.setdefault(o, set()).add(name)
+    shared = {o for o, c in commands.items() if len(c) > 1}
+    assert shared <= set(FLAG_MEANINGS), sorted(shared - set(FLAG_MEANINGS))
+    assert set(FLAG_MEANINGS) <= set(commands), sorted(set(FLAG_MEANINGS) - set(commands))
 
 
 def test_steps_flags_mean_one_thing():

@@ -7,6 +7,7 @@ import dataclasses
 from ..configs import PAPER_CONFIGS
 from ..models import PRESETS, ModelConfig, count_parameters
 from ..trainer import param_count_str
+from .common import refuse
 
 def cmd_params(a: argparse.Namespace) -> None:
     if a.depth is not None and a.depth < 1:
@@ -34,7 +35,7 @@ def cmd_params(a: argparse.Namespace) -> None:
               f"{cfg.num_heads} heads, {cfg.num_tokens} image tokens, {cfg.num_cond} class tokens; "
               f"paper: {param_count_str(int(paper))} ({100 * (n - paper) / paper:+.1f}%)")
         return
-    cfg = ModelConfig.from_preset(a.preset, image_size=a.image_size, in_channels=a.channels,
+    cfg = ModelConfig.from_preset(a.preset, image_size=a.input_size, in_channels=a.input_channels,
                                   patch_size=a.patch_size, num_classes=a.num_classes, class_tokens=a.class_tokens,
                                   **({"depth": a.depth} if a.depth is not None else {}))
     n = count_parameters(cfg)
@@ -89,8 +90,10 @@ def cmd_demo(a: argparse.Namespace) -> None:
 def add_parser(sub) -> None:
     q = sub.add_parser("params", help="parameter count of a preset (no weights allocated)")
     q.add_argument("--preset", default="L", choices=list(PRESETS), help="model size")
-    q.add_argument("--image-size", type=int, default=32, help="latent size (ImageNet 256 with SD-VAE: 32)")
-    q.add_argument("--channels", type=int, default=4, help="input channels (SD-VAE latents: 4)")
+    q.add_argument("--input-size", type=int, default=32, help="side of the model's input grid (ImageNet 256 with SD-VAE latents: 32)")
+    q.add_argument("--input-channels", type=int, default=4, help="channels of the model's input (SD-VAE latents: 4)")
+    refuse(q, "--image-size", "--image-size means pixels elsewhere; the model's input side here is --input-size")
+    refuse(q, "--channels", "--channels means image channels elsewhere; the model's input channels here are --input-channels")
     q.add_argument("--patch-size", type=int, default=2, help="pixels (or latent cells) per token side")
     q.add_argument("--num-classes", type=int, default=1000, help="number of classes")
     q.add_argument("--class-tokens", type=int, default=64, help="C in-context class tokens")
