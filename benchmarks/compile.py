@@ -1,16 +1,18 @@
 """Eager against compiled (``--compile``): training step and sampling time, measured in one run.
 
 The S preset (12 layers x 384 wide, 6 heads) at 256 tokens (32x32x4 latents, patch 2; random
-weights: timing only). Training: batch 8, fp32 and bf16, at S=1 and with the paper's γ=0.9 plan
-(random S; the same plans for both modes). Sampling: S=1 and S=4 with the KV cache. Every eager
-measurement is followed by its compiled one (alternating, so load from other jobs on the machine
-hits both alike); the table gives the median time of each and the median of the per-pair ratios.
-Compilation happens in a warm-up before timing and is reported on its own line. MFU is the
-model's FLOPs (forward + backward, no padding; ``torch.utils.flop_counter``) per second against
-this machine's matmul peak, measured here on a 2048³ matmul in the same precision.
+weights: timing only). Training: batch 8, fp32 and bf16, at S=1 and with the paper's γ=0.9 plan,
+in three modes: eager (``train``), eager with the clean prefix padded to a bucket as the compiled
+path pads it (``shape_buckets``: what padding alone costs) and compiled (``train --compile``). A warm-up step
+on every bucket compiles all graphs first (reported on its own line); the timed steps then draw
+fresh AR plans, as training does. Sampling:
+S=1 and S=4 with the KV cache. Modes are measured alternately (load from other jobs on the machine
+hits all alike); tables give medians of times and of per-step ratios. MFU is the model's FLOPs
+(forward + backward, no padding; ``torch.utils.flop_counter``) per second against this machine's
+matmul peak, measured here on a 2048³ matmul in the same precision.
 
     python benchmarks/compile.py [--steps 5] [--sample-steps 10] [--batch 8] [--sample-batch 8]
-                                 [--precisions fp32,bf16] [--sample-precisions fp32]
+                                 [--precisions fp32,bf16] [--sample-precisions fp32,bf16]
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ from causalfusion.compiling import CompiledForward, compile_seconds
 from causalfusion.diffusion import Diffusion
 from causalfusion.flop_count import count_flops
 from causalfusion.models import CausalFusion, ModelConfig
-from causalfusion.objective import causalfusion_loss
+from causalfusion.objective import draw_plan_and_noise, noised_loss
 from causalfusion.sampling import sample
-from causalfusion.trainer import adamw
+from causalfusion.shape_buckets import CLEAN_BUCKET, BucketedForward
+from causalfusion.optimization import adamw
 
 SHAPE = dict(image_size=32, in_channels=4, patch_size=2, num_classes=1000)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -44,30 +47,45 @@ def matmul_peak(precision: str, repeats: int = 5, size: int = 2048) -> float:
     return 2 * size**3 / best
 
 
-class TrainSetting:
-    """One model + optimizer, eager or compiled; ``step(seed)`` draws its AR plan from ``seed``."""
+MODES = ("eager", "padded", "compiled")
 
-    def __init__(self, cfg: ModelConfig, plan: ARPlanConfig, precision: str, compiled: bool, x0, y):
+
+class TrainSetting:
+    """One model + optimizer in one of ``MODES``; ``step(seed)`` draws its AR plan from ``seed``."""
+
+    def __init__(self, cfg: ModelConfig, plan: ARPlanConfig, precision: str, mode: str, x0, y):
         torch.manual_seed(0)
         self.model = CausalFusion(cfg)
         self.opt = adamw(self.model.parameters(), lr=1e-4)
-        self.run_model = CompiledForward(self.model) if compiled else None
+        self.run_model = {"eager": None, "padded": BucketedForward, "compiled": CompiledForward}[mode]
+        self.run_model = self.run_model and self.run_model(self.model)
         self.plan, self.precision, self.x0, self.y = plan, precision, x0, y
         self.diffusion = Diffusion()
 
-    def loss(self, seed: int) -> torch.Tensor:
+    def loss(self, seed: int, group_sizes: list[int] | None = None) -> torch.Tensor:
+        """The loss of the plan drawn from ``seed`` (its split replaced by ``group_sizes`` if given)."""
+        cfg = self.model.cfg
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            loss, _ = causalfusion_loss(self.model, self.diffusion, self.x0, self.y, self.plan,
-                                        torch.Generator().manual_seed(seed), self.run_model)
-        return loss
+            plan, noise = draw_plan_and_noise(self.plan, len(self.x0), cfg, self.diffusion.num_timesteps,
+                                              torch.Generator().manual_seed(seed))
+            sizes = group_sizes or plan.group_sizes
+            return noised_loss(self.model, self.diffusion, self.x0, self.y, plan.order, plan.t, noise, sizes,
+                               plan.weights, self.run_model)
 
-    def step(self, seed: int) -> float:
+    def step(self, seed: int, group_sizes: list[int] | None = None) -> float:
         t0 = time.perf_counter()
-        loss = self.loss(seed)
+        loss = self.loss(seed, group_sizes)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         return time.perf_counter() - t0
+
+
+def bucket_splits(num_tokens: int, plan: ARPlanConfig) -> list[list[int] | None]:
+    """One split per padded clean-prefix length a plan can draw (S=1: its own)."""
+    if plan.fixed_steps == 1:
+        return [None]
+    return [[n, num_tokens - n] for n in range(CLEAN_BUCKET, num_tokens, CLEAN_BUCKET)] + [[num_tokens - 1, 1], None]
 
 
 def alternate(eager, compiled, runs: int) -> tuple[float, float, float]:
@@ -85,7 +103,7 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16", help="training precisions")
     p.add_argument("--sample-batch", type=int, default=8, help="images per sampling run")
     p.add_argument("--sample-steps", type=int, default=10, help="diffusion steps per AR step")
-    p.add_argument("--sample-precisions", default="fp32", help="sampling precisions")
+    p.add_argument("--sample-precisions", default="fp32,bf16", help="sampling precisions")
     p.add_argument("--sample-runs", type=int, default=3, help="timed sampling runs per setting and mode")
     p.add_argument("--ar-steps", default="1,4", help="sampling AR steps")
     a = p.parse_args()
@@ -96,25 +114,28 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; S preset, {cfg.num_tokens} tokens")
     peaks = {prec: matmul_peak(prec) for prec in sorted(set(a.precisions.split(",") + a.sample_precisions.split(",")))}
     print("matmul peak (2048^3): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
-    print("\n| training step | eager s | compiled s | compiled/eager | MFU eager | MFU compiled | compile s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| training step | eager s | padded s | compiled s | padded/eager | compiled/eager | compiled/padded "
+          "| MFU eager / padded / compiled | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     plans = {"S=1": ARPlanConfig(fixed_steps=1), "γ=0.9": ARPlanConfig(gamma=0.9)}
     for prec in a.precisions.split(","):
         for name, plan in plans.items():
-            eager, comp = (TrainSetting(cfg, plan, prec, c, x0, y) for c in (False, True))
+            settings = {m: TrainSetting(cfg, plan, prec, m, x0, y) for m in MODES}
             c0 = compile_seconds()
-            for i in range(a.steps):  # warm-up on the timed plans: every padded shape compiles here
-                eager.step(i), comp.step(i)
+            for sizes in bucket_splits(cfg.num_tokens, plan):  # every bucket's graph (and kernels) once
+                for s in settings.values():
+                    s.step(0, sizes)
             compile_s = compile_seconds() - c0
-            flops = [count_flops(lambda: eager.loss(i).backward())["total"] for i in range(a.steps)]
-            times = [(eager.step(i), comp.step(i), flops[i]) for i in range(a.steps)]
-            e = statistics.median(t[0] for t in times)
-            c = statistics.median(t[1] for t in times)
-            ratio = statistics.median(t[1] / t[0] for t in times)
-            mfu_e = statistics.median(t[2] / t[0] for t in times) / peaks[prec]
-            mfu_c = statistics.median(t[2] / t[1] for t in times) / peaks[prec]
-            print(f"| {prec} {name} | {e:.3f} | {c:.3f} | {ratio:.2f} | {mfu_e:.0%} | {mfu_c:.0%} | {compile_s:.0f} |",
-                  flush=True)
+            seeds = [1000 + i for i in range(a.steps)]  # fresh plans, as a run draws them
+            flops = {i: count_flops(lambda: settings["eager"].loss(i).backward())["total"] for i in seeds}
+            times = [{m: settings[m].step(i) for m in MODES} for i in seeds]
+            med = {m: statistics.median(t[m] for t in times) for m in MODES}
+            ratio = {m: statistics.median(t[m] / t["eager"] for t in times) for m in MODES}
+            mfu = {m: statistics.median(flops[i] / t[m] for i, t in zip(seeds, times)) / peaks[prec] for m in MODES}
+            print(f"| {prec} {name} | {med['eager']:.3f} | {med['padded']:.3f} | {med['compiled']:.3f} | "
+                  f"{ratio['padded']:.2f} | {ratio['compiled']:.2f} | "
+                  f"{statistics.median(t['compiled'] / t['padded'] for t in times):.2f} | "
+                  f"{mfu['eager']:.0%} / {mfu['padded']:.0%} / {mfu['compiled']:.0%} | {compile_s:.0f} |", flush=True)
     print("\n| sampling | eager s | compiled s | compiled/eager | MFU eager | MFU compiled | compile s |")
     print("|---|---|---|---|---|---|---|")
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from causalfusion.ar_plan import ARPlanConfig
 from causalfusion.diffusion import Diffusion
 from causalfusion.models import CausalFusion, ModelConfig
 from causalfusion.objective import causalfusion_loss
-from causalfusion.trainer import adamw
+from causalfusion.optimization import adamw
 
 # tiny: the digits demo (8x8x1, patch 2 -> 16 tokens); S: the paper's ablation input
 # (ImageNet 256 -> SD-VAE 32x32x4 latents, patch 2 -> 256 tokens).

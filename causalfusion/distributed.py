@@ -41,7 +41,8 @@ from .devices import DistEnv, barrier, init_distributed, launched_by_torchrun
 from .images import to_uint8
 from .models import CausalFusion, ModelConfig
 from .objective import draw_plan_and_noise, drop_labels, noised_loss
-from .trainer import Trainer, TrainConfig, adamw, apply_gradients, check_finite, set_lr
+from .optimization import adamw, apply_gradients, check_finite, set_lr
+from .trainer import Trainer, TrainConfig
 
 STRATEGIES = ("ddp", "fsdp")
 # ScaleConfig fields saved in config.json ("scale") and kept by a resume that leaves them out: they

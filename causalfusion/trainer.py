@@ -29,6 +29,7 @@ from .images import grid_columns, save_grid
 from .models import CausalFusion, ModelConfig
 from .progress import progress_bar
 from .objective import causalfusion_loss, drop_labels
+from .optimization import adamw, apply_gradients, check_finite, ema_decay_at, set_lr, warmup_lr
 from .one_step_sampler import sample_one_step
 from .sampling import check_seed
 
@@ -88,58 +89,6 @@ def check_train_settings(cfg, **more_minimums: int) -> None:
     if not (math.isfinite(cfg.adam_eps) and cfg.adam_eps > 0):
         raise ValueError(f"--adam-eps must be a finite number > 0, got {cfg.adam_eps}")
     check_seed(cfg.seed)
-
-
-# ---- pieces every trainer here shares (Trainer, DistributedTrainer, multimodal MMTrainer) ------
-def adamw(params, lr: float, eps: float = 1e-8) -> torch.optim.AdamW:
-    """The paper's optimiser (Tab. 9/10): AdamW with betas (0.9, 0.95) and no weight decay (the
-    release's train.py also sets eps 1e-15)."""
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=0.0)
-
-
-def warmup_lr(step: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant."""
-    return lr * min(1.0, (step + 1) / max(warmup, 1))
-
-
-def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
-    """EMA decay with a warm-up, min(decay, (1+step)/(10+step)): a short run's EMA would
-    otherwise still be mostly its random initialisation (0.999^1000 = 37% of it). The release
-    uses the plain decay (``warmup=False``); over the paper's ~150k steps the two end alike."""
-    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)  # one kernel per dtype, not per tensor
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
-
-
-def apply_gradients(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, grad_clip: float,
-                    ema_decay: float, step: int = 0) -> float:
-    """After backward: clip the global grad norm, take the optimizer step, move the EMA; the pre-clip
-    norm. A NaN or inf norm stops before the step (FloatingPointError naming ``step``): clipping would
-    scale an inf gradient to NaN weights."""
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if hasattr(gnorm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
-        gnorm = gnorm.full_tensor()
-    norm = float(gnorm)
-    if not math.isfinite(norm):
-        raise FloatingPointError(f"gradient norm is {norm} at step {step}; stopping before it is applied "
-                                 "(the last checkpoint, if any, is left as it was; try a lower --lr)")
-    opt.step()
-    update_ema(ema, model, ema_decay)
-    return norm
-
-
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping "
-                                 "(the last checkpoint, if any, is left as it was; try a lower --lr)")
 
 
 def check_run_dir(out: Path, resume: bool) -> None:

@@ -25,7 +25,8 @@ import causalfusion.checkpoint as checkpoint
 from causalfusion.ar_plan import ARPlanConfig
 from causalfusion.checkpoint import load_model, load_training_state, read_state
 from causalfusion.models import CausalFusion, ModelConfig
-from causalfusion.trainer import TrainConfig, Trainer, adamw
+from causalfusion.optimization import adamw
+from causalfusion.trainer import TrainConfig, Trainer
 
 MODEL = dict(image_size=8, in_channels=1, patch_size=2, hidden_size=16, depth=1, num_heads=2, num_classes=10,
              class_tokens=1)
@@ -308,7 +309,7 @@ def test_an_inf_gradient_stops_the_run_before_its_step_and_leaves_the_checkpoint
 
 
 def test_apply_gradients_refuses_an_inf_gradient_without_stepping():
-    from causalfusion.trainer import apply_gradients
+    from causalfusion.optimization import apply_gradients
 
     model = torch.nn.Linear(2, 2)
     ema, opt = torch.nn.Linear(2, 2), torch.optim.AdamW(model.parameters(), lr=1e-3)

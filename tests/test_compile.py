@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from causalfusion.ar_plan import ARPlanConfig, random_group_sizes
-from causalfusion.compiling import (CompiledForward, padded_causal_mask, padded_clean_length, training_graph_count)
-from causalfusion.masks import generalized_causal_mask
+from causalfusion.compiling import CompiledForward
+from causalfusion.shape_buckets import padded_clean_length, training_graph_count
 from causalfusion.models import CausalFusion, ModelConfig, num_tokens_before_last
 from causalfusion.sampling import sample
 from causalfusion.trainer import TrainConfig, Trainer
@@ -41,27 +41,6 @@ def test_compiled_sampling_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * float(eager.abs().max()))
     with pytest.raises(ValueError, match="KV cache"):
         sample(model, labels, compile=True, cache=False, **kw)
-
-
-def test_padded_mask_leaves_every_real_row_as_it_was():
-    sizes, num_cond, copies = [3, 2, 4], 2, 2
-    n_clean = num_tokens_before_last(sizes)
-    plain = generalized_causal_mask(sizes, num_cond, copies)
-    padded = padded_causal_mask(sizes, num_cond, copies, n_pad=8)
-    n0, p = num_cond + n_clean, 8 - n_clean
-    real = torch.cat([torch.arange(n0), torch.arange(n0 + p, padded.shape[0])])
-    assert torch.equal(padded[real][:, real], plain)
-    assert not padded[:, n0:n0 + p].any()  # nobody sees a padding token
-    assert padded[n0:n0 + p].any(1).all()  # and no padding row is empty (NaN)
-
-
-def test_clean_prefix_buckets_bound_the_shapes():
-    assert [padded_clean_length(n, 256, 32) for n in (0, 1, 32, 33, 255)] == [0, 32, 32, 64, 256]
-    assert training_graph_count(256, 32) == 9 and training_graph_count(16, 32) == 2
-    g = torch.Generator().manual_seed(0)
-    pads = {padded_clean_length(num_tokens_before_last(random_group_sizes(256, s, g)), 256, 32)
-            for s in range(1, 257)}
-    assert len(pads) <= training_graph_count(256, 32)
 
 
 def test_random_s_run_compiles_at_most_the_bucket_count():

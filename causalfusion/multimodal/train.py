@@ -23,8 +23,9 @@ from ..devices import check_precision
 from ..diffusion import Diffusion
 from ..files import NewFiles
 from ..models import ModelConfig
-from ..trainer import (RUN_FILES, PendingConfig, adamw, apply_gradients, check_finite, check_resume_step, check_run_dir,
-                       check_train_settings, discard_unsaved, ema_decay_at, set_lr, trim_log, warmup_lr)
+from ..optimization import adamw, apply_gradients, check_finite, ema_decay_at, set_lr, warmup_lr
+from ..trainer import (RUN_FILES, PendingConfig, check_resume_step, check_run_dir, check_train_settings, discard_unsaved,
+                       trim_log)
 from .data import CaptionDataset, CaptionStream, load_captioned
 from .model import MultimodalCausalFusion, TextConfig, build_model
 from .objective import MixConfig, multimodal_loss
