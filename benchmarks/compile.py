@@ -2,14 +2,14 @@
 
 The S preset (12 layers x 384 wide, 6 heads) at 256 tokens (32x32x4 latents, patch 2; random
 weights: timing only). Training: batch 8, fp32 and bf16, at S=1 and with the paper's γ=0.9 plan,
-in three modes: eager (``train``), eager with the clean prefix padded to a bucket as the compiled
-path pads it (``shape_buckets``: what padding alone costs) and compiled (``train --compile``). A warm-up step
-on every bucket compiles all graphs first (reported on its own line); the timed steps then draw
-fresh AR plans, as training does. Sampling:
-S=1 and S=4 with the KV cache. Modes are measured alternately (load from other jobs on the machine
-hits all alike); tables give medians of times and of per-step ratios. MFU is the model's FLOPs
-(forward + backward, no padding; ``torch.utils.flop_counter``) per second against this machine's
-matmul peak, measured here on a 2048³ matmul in the same precision.
+eager (``train``) and compiled (``train --compile``; the clean prefix padded to a bucket,
+``shape_buckets``). A warm-up step on every bucket compiles all graphs first, with inductor's
+on-disk caches off (the "compile s" column is a cold compile); the timed steps then draw fresh AR
+plans, as training does. Sampling: S=1 and S=4 with the KV cache. The two modes are measured
+alternately (load from other jobs on the machine hits both alike); tables give medians of times
+and of per-step ratios. MFU is the model's FLOPs (forward + backward, no padding;
+``torch.utils.flop_counter``) per second against this machine's matmul peak, measured here on a
+2048³ matmul in the same precision.
 
     python benchmarks/compile.py [--steps 5] [--sample-steps 10] [--batch 8] [--sample-batch 8]
                                  [--precisions fp32,bf16] [--sample-precisions fp32,bf16]
@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+import torch._inductor.config
 
 from causalfusion.ar_plan import ARPlanConfig
 from causalfusion.compiling import CompiledForward, compile_seconds
@@ -29,7 +30,7 @@ from causalfusion.flop_count import count_flops
 from causalfusion.models import CausalFusion, ModelConfig
 from causalfusion.objective import draw_plan_and_noise, noised_loss
 from causalfusion.sampling import sample
-from causalfusion.shape_buckets import CLEAN_BUCKET, BucketedForward
+from causalfusion.shape_buckets import CLEAN_BUCKET
 from causalfusion.optimization import adamw
 
 SHAPE = dict(image_size=32, in_channels=4, patch_size=2, num_classes=1000)
@@ -47,7 +48,7 @@ def matmul_peak(precision: str, repeats: int = 5, size: int = 2048) -> float:
     return 2 * size**3 / best
 
 
-MODES = ("eager", "padded", "compiled")
+MODES = ("eager", "compiled")
 
 
 class TrainSetting:
@@ -57,8 +58,7 @@ class TrainSetting:
         torch.manual_seed(0)
         self.model = CausalFusion(cfg)
         self.opt = adamw(self.model.parameters(), lr=1e-4)
-        self.run_model = {"eager": None, "padded": BucketedForward, "compiled": CompiledForward}[mode]
-        self.run_model = self.run_model and self.run_model(self.model)
+        self.run_model = CompiledForward(self.model) if mode == "compiled" else None
         self.plan, self.precision, self.x0, self.y = plan, precision, x0, y
         self.diffusion = Diffusion()
 
@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--sample-runs", type=int, default=3, help="timed sampling runs per setting and mode")
     p.add_argument("--ar-steps", default="1,4", help="sampling AR steps")
     a = p.parse_args()
+    torch._inductor.config.force_disable_caches = True  # compile s: a cold compile, not a cache hit
     cfg = ModelConfig.from_preset("S", **SHAPE)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(a.batch, 4, 32, 32, generator=g).clamp(-1, 1)
@@ -114,9 +115,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; S preset, {cfg.num_tokens} tokens")
     peaks = {prec: matmul_peak(prec) for prec in sorted(set(a.precisions.split(",") + a.sample_precisions.split(",")))}
     print("matmul peak (2048^3): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
-    print("\n| training step | eager s | padded s | compiled s | padded/eager | compiled/eager | compiled/padded "
-          "| MFU eager / padded / compiled | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| training step | eager s | compiled s | compiled/eager | MFU eager | MFU compiled | compile s |")
+    print("|---|---|---|---|---|---|---|")
     plans = {"S=1": ARPlanConfig(fixed_steps=1), "γ=0.9": ARPlanConfig(gamma=0.9)}
     for prec in a.precisions.split(","):
         for name, plan in plans.items():
@@ -132,10 +132,8 @@ def main() -> None:
             med = {m: statistics.median(t[m] for t in times) for m in MODES}
             ratio = {m: statistics.median(t[m] / t["eager"] for t in times) for m in MODES}
             mfu = {m: statistics.median(flops[i] / t[m] for i, t in zip(seeds, times)) / peaks[prec] for m in MODES}
-            print(f"| {prec} {name} | {med['eager']:.3f} | {med['padded']:.3f} | {med['compiled']:.3f} | "
-                  f"{ratio['padded']:.2f} | {ratio['compiled']:.2f} | "
-                  f"{statistics.median(t['compiled'] / t['padded'] for t in times):.2f} | "
-                  f"{mfu['eager']:.0%} / {mfu['padded']:.0%} / {mfu['compiled']:.0%} | {compile_s:.0f} |", flush=True)
+            print(f"| {prec} {name} | {med['eager']:.3f} | {med['compiled']:.3f} | {ratio['compiled']:.2f} | "
+                  f"{mfu['eager']:.0%} | {mfu['compiled']:.0%} | {compile_s:.0f} |", flush=True)
     print("\n| sampling | eager s | compiled s | compiled/eager | MFU eager | MFU compiled | compile s |")
     print("|---|---|---|---|---|---|---|")
     torch.manual_seed(0)

@@ -30,8 +30,10 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} tokens > preallocated {self.max_len}")
         if self.keys[layer] is None:
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.keys[layer] = k.new_empty(shape)
-            self.values[layer] = v.new_empty(shape)
+            # zeros, not empty: the compiled runner attends over every slot under a mask, and a masked
+            # slot's value is still multiplied by its 0 weight, so NaN garbage there would give NaN
+            self.keys[layer] = k.new_zeros(shape)
+            self.values[layer] = v.new_zeros(shape)
         kc, vc = self.keys[layer], self.values[layer]
         if kc.shape[0] != k.shape[0]:
             raise ValueError(f"KV cache holds batch {kc.shape[0]}, got {k.shape[0]}")

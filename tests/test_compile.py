@@ -31,11 +31,15 @@ def test_training_losses_of_20_compiled_steps_match_eager(tmp_path):
 
 
 def test_compiled_sampling_matches_eager():
-    """fp32, S=2 (a masked static-layout cache call, a commit, and a full one) with guidance."""
+    """fp32, S=2 (a masked static-layout cache call, a commit, and a full one) with guidance; the
+    compiled calls attend over unfilled cache slots too (masked), so those must not hold NaN."""
     model = make_tiny_model(depth=1)
     labels = torch.tensor([0, 1, 2, 3])
     kw = dict(ar_steps=2, steps=3, cfg=2.0, seed=1)
     eager = sample(model, labels, **kw)
+    c = model.cfg
+    poison = torch.full((2 * len(labels), c.num_heads, c.num_cond + c.num_tokens, c.hidden_size // c.num_heads), float("nan"))
+    del poison  # freed memory full of NaN, which the cache's allocation is likely to reuse
     compiled = sample(model, labels, compile=True, **kw)
     assert not torch.equal(eager, sample(model, labels, **{**kw, "seed": 2}))  # the tolerance is tight enough
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * float(eager.abs().max()))

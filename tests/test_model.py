@@ -344,6 +344,18 @@ def test_kv_cache_matches_masked_sequence(groups):
 
 
 @torch.no_grad()
+def test_kv_cache_slots_not_written_yet_hold_zeros():
+    """The compiled runner reads every slot (masked): freed NaN memory reused by the cache must not show."""
+    for _ in range(3):
+        poison = torch.full((2, 2, 16, 8), float("nan"))
+        del poison
+        cache = KVCache(1, 16)
+        k = torch.ones(2, 2, 3, 8)
+        cache.write(0, k, k)
+        assert torch.equal(cache.keys[0][:, :, 3:], torch.zeros(2, 2, 13, 8))
+        assert torch.equal(cache.values[0][:, :, 3:], torch.zeros(2, 2, 13, 8))
+
+
 def test_kv_cache_masked_prefix():
     """The whole prefix in one pass (with its part of the generalized mask), then the noisy tokens."""
     model = make_tiny_model()
