@@ -61,3 +61,16 @@ def log_column(run, name: str = "loss") -> list[float]:
 
     with open(run / "log.csv") as f:
         return [float(r[name]) for r in csv.DictReader(f)]
+
+
+def save_tiny_vae(path, latent_channels=4, seed=0, attn_last=False, sample_size=16):
+    """A 2-level (2x) AutoencoderKL with random weights, saved as config.json + safetensors; returns it."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    down = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D" if attn_last else "DownEncoderBlock2D")
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=down,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                                  latent_channels=latent_channels, norm_num_groups=4, sample_size=sample_size)
+    vae.save_pretrained(str(path))
+    return vae

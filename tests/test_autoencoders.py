@@ -13,18 +13,9 @@ from causalfusion.autoencoders import (AutoencoderError, IdentityAutoencoder, au
                                        check_same_autoencoder, convert_ldm_vae, decode_in_batches, kl16_config,
                                        load_autoencoder, resolve_weights)
 
+from conftest import save_tiny_vae
+
 diffusers = pytest.importorskip("diffusers")
-
-
-def save_tiny_vae(path, latent_channels=4, seed=0, attn_last=False):
-    """A 2-level (2x) AutoencoderKL with random weights, saved as config.json + safetensors."""
-    torch.manual_seed(seed)
-    down = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D" if attn_last else "DownEncoderBlock2D")
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=down,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                                  latent_channels=latent_channels, norm_num_groups=4, sample_size=16)
-    vae.save_pretrained(str(path))
-    return vae
 
 
 def test_identity_is_pixel_space():

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model, one_error_line, save_run
+from conftest import make_tiny_model, one_error_line, save_run, save_tiny_vae
 from release_layout import release_state, save_release
 
 from causalfusion.checkpoint import load_model
@@ -56,12 +56,7 @@ def test_a_torn_training_run_is_not_read_as_an_inference_folder(tmp_path):
 
 def save_tiny_kl16(path, seed=0):
     """A random 2x AutoencoderKL with KL-16's 16 latent channels (what `--vae kl16` loads)."""
-    import diffusers
-
-    torch.manual_seed(seed)
-    diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=16,
-                            norm_num_groups=4, sample_size=8).save_pretrained(str(path))
+    save_tiny_vae(path, latent_channels=16, seed=seed, sample_size=8)
     return path
 
 

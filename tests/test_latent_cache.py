@@ -18,19 +18,11 @@ from causalfusion.data import BatchStream, load_dataset
 from causalfusion.latent_cache import CacheError, EncodedDataset, cache_latents, open_latent_cache
 from causalfusion.models import ModelConfig
 from causalfusion.trainer import TrainConfig, Trainer
-from conftest import log_column
+from conftest import log_column, save_tiny_vae
 
 diffusers = pytest.importorskip("diffusers")
 TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "4", "--batch-size", "4", "--sample-every", "0",
         "--no-progress", "--log-every", "1", "--patch-size", "2"]
-
-
-def save_tiny_vae(path, seed=0):
-    torch.manual_seed(seed)
-    diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                            norm_num_groups=4, sample_size=16).save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
