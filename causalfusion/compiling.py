@@ -1,21 +1,25 @@
 """The opt-in ``torch.compile`` path for training and sampling (``--compile``).
 
-Compiled graphs are specialised to their shapes (``dynamic=False``), so the number of graphs is
-bounded by keeping the shapes of a run to a small set:
+The number of graphs stays small and bounded:
 
-* Training: ``CompiledForward`` is ``shape_buckets.BucketedForward`` (the clean prefix padded to a
-  bucket) with the attention mask as a graph input, so a run with random S compiles at most
-  ``training_graph_count(L, clean_bucket)`` graphs (L=256, bucket 32: 9), whatever splits it draws.
-* Sampling: ``CompiledCachedRunner`` keeps the KV cache's full preallocated layout (C + L slots)
-  in every call: new keys/values go to their slots by an index tensor, and attention covers all
-  slots under a mask of the filled ones. One graph per (batch rows, group size, full or not, denoise
-  or commit): S=1 needs 1 (2 with an interval CFG), S equal groups 3 (6).
+* Training: graphs are specialised to their shapes (``dynamic=False``). ``CompiledForward`` is
+  ``shape_buckets.BucketedForward`` (the clean prefix padded to a bucket) with the attention mask as
+  a graph input, so a run with random S compiles at most ``training_graph_count(L, clean_bucket)``
+  graphs (L=256, bucket 32: 9), whatever splits it draws.
+* Sampling: ``CompiledCachedRunner`` hands each call the filled slots of the preallocated KV cache
+  as views whose length is a dynamic dimension, and new keys/values go to their slots by an index
+  tensor, so one graph serves every prefix length. Graphs: one per kind of call (denoise, commit;
+  with or without an interval-CFG mask) and group size; a second group size makes that dimension
+  dynamic too. S=1 compiles 1 graph, any S with equal groups 2 (with S=1's: 4 at most). Under bf16
+  autocast the graphs run on ``bf16_linear_copy(model)``.
 
 Compile time is paid on the first call of each graph (and the first backward in training).
 """
 from __future__ import annotations
 
 import functools
+import weakref
+from copy import deepcopy
 
 import torch
 import torch._dynamo
@@ -24,6 +28,13 @@ from .kv_cache import KVCache
 from .models import CausalFusion
 from .sampling_runners import CachedRunner, Condition
 from .shape_buckets import CLEAN_BUCKET, BucketedForward
+
+
+# GELU's tanh as 2 / (1 + exp(-2x)) - 1 in inductor's CPU kernels: one exp instead of a Sleef tanh,
+# which makes the GELU kernels, the largest fused ones of a bf16 step, markedly faster
+# (benchmarks/profile_step.py). Inductor has it off by default because its absolute error near 0
+# (~1e-8) can flip the sign of an atan2; GELU adds it to 1.
+INDUCTOR_OPTIONS = {"cpp.use_decompose_tanh": True}
 
 
 def allow_recompiles(graphs: int) -> None:
@@ -47,7 +58,8 @@ class CompiledForward(BucketedForward):
                  backend: str = "inductor"):
         super().__init__(model, clean_bucket, max_masks)
         allow_recompiles(2 * self.graphs)  # x2: a shared or a per-token t
-        self._compiled = torch.compile(model.forward_sequence, dynamic=False, backend=backend)
+        self._compiled = torch.compile(model.forward_sequence, dynamic=False, backend=backend,
+                                       options=INDUCTOR_OPTIONS if backend == "inductor" else None)
 
     def run(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
             n_pad: int, mask: torch.Tensor) -> torch.Tensor:
@@ -69,9 +81,9 @@ class FirstCompileReport:
 
 # ---- sampling ---------------------------------------------------------------------------------------
 class StaticKVCache(KVCache):
-    """A ``KVCache`` whose ``write`` keeps the full preallocated layout: the new keys/values go to
-    ``slots`` (a tensor, so the slot offset is data, not a shape), and all ``max_len`` slots come back;
-    the caller masks the slots not filled yet."""
+    """A ``KVCache`` over views of exactly the slots filled once this call has written: the new
+    keys/values go to ``slots`` (a tensor, so the offset is data, not a specialised int), and the
+    whole views come back."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor):
         super().__init__(len(keys), keys[0].shape[2])
@@ -96,28 +108,62 @@ def _cached_pass(model: CausalFusion, tokens: torch.Tensor, pos: torch.Tensor, t
 @functools.cache
 def _compiled_cached_pass():
     allow_recompiles(16)
-    return torch.compile(_cached_pass, dynamic=False)
+    return torch.compile(_cached_pass, dynamic=None, options=INDUCTOR_OPTIONS)
+
+
+def bf16_linear_copy(model: CausalFusion) -> CausalFusion:
+    """A copy of ``model`` whose Linear weights and biases are stored in bf16. Under bf16 autocast it
+    computes exactly what ``model`` does (autocast rounds them to bf16 the same way), but a compiled
+    graph no longer re-casts every fp32 weight on every call (eager autocast caches those casts; a
+    graph cannot). One copy per model, made again once ``weights_fingerprint`` changes."""
+    key = weights_fingerprint(model)
+    held = _BF16_COPIES.get(model)
+    if held is None or held[0] != key:
+        copy = deepcopy(model)
+        for m in copy.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.to(torch.bfloat16)
+        held = _BF16_COPIES[model] = (key, copy)
+    return held[1]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """Identity and in-place version of every parameter and buffer: it changes when an optimizer or
+    EMA step, ``load_state_dict`` or ``.to()`` changes the weights."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+_BF16_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (fingerprint, copy)
 
 
 class CompiledCachedRunner(CachedRunner):
-    """``CachedRunner`` with every denoising and commit call compiled against the static cache layout."""
+    """``CachedRunner`` with every denoising and commit call compiled (one graph for all prefix lengths)."""
+
+    # One slot more than any call fills: the cache views a call gets are then never the whole tensor,
+    # so their strides never change and one graph serves every prefix length.
+    spare_slots = 1
 
     def __init__(self, model: CausalFusion, cond: Condition):
         super().__init__(model, cond)
         self._pass = _compiled_cached_pass()
+        dev = cond.tokens.device.type
+        if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
+            self.model = bf16_linear_copy(model)
 
     def _call(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         rows, n = tokens.shape[:2]
-        start, size = cache.length, cache.max_len
-        slots = torch.arange(start, start + n, device=tokens.device)
-        blind = self.cond.blind_rows(rows)
+        length = cache.length + n  # the filled slots once this call's keys/values are written
+        slots = torch.arange(cache.length, length, device=tokens.device)
+        keys, values = [k[:, :, :length] for k in cache.keys], [v[:, :, :length] for v in cache.values]
+        for x in (*keys, *values):
+            torch._dynamo.maybe_mark_dynamic(x, 2)  # one graph for every prefix length
         mask = None
-        if start + n < size or blind is not None:  # some slots are empty (or hidden from some rows)
-            mask = (torch.arange(size, device=tokens.device) < start + n).expand(n, size)
-            if blind is not None:
-                mask = mask.expand(rows, 1, n, size).clone()
-                mask[blind, :, :, :self.cond.length] = False
-        return self._pass(self.model, tokens, pos, t, cache.keys, cache.values, slots, mask)
+        blind = self.cond.blind_rows(rows)
+        if blind is not None:  # the null rows of a CFG interval may not see the condition
+            mask = torch.ones(rows, 1, n, length, dtype=torch.bool, device=tokens.device)
+            mask[blind, :, :, :self.cond.length] = False
+            torch._dynamo.maybe_mark_dynamic(mask, 3)
+        return self._pass(self.model, tokens.contiguous(), pos.contiguous(), t, keys, values, slots, mask)
 
     def output(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]

@@ -177,9 +177,9 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 
 def sample_uint8(model: CausalFusion, labels: torch.Tensor, setting: EvalSetting, seed: int = 0, batch_size: int = 500,
-                 autoencoder: Autoencoder | None = None, compile: bool = False) -> np.ndarray:
+                 autoencoder: Autoencoder | None = None, compile: bool = False, progress: bool = False) -> np.ndarray:
     """Samples for ``labels`` [N] as uint8 [N, H, W, C] (decoded through ``autoencoder`` for latent runs);
-    ``compile``: the model through torch.compile (``compiling``)."""
+    ``compile``: the model through torch.compile (``compiling``); ``progress``: a bar per batch."""
     from .images import to_uint8
     from .sampling import sample
 
@@ -187,7 +187,7 @@ def sample_uint8(model: CausalFusion, labels: torch.Tensor, setting: EvalSetting
     for s in range(0, len(labels), batch_size):
         x = sample(model, labels[s:s + batch_size], ar_steps=setting.ar_steps, order=setting.order,
                    steps=setting.steps, cfg=setting.cfg, seed=seed, first_index=s, block=setting.block,
-                   dilation=setting.dilation, precision=setting.precision, compile=compile)
+                   dilation=setting.dilation, precision=setting.precision, compile=compile, progress=progress)
         if autoencoder is not None:
             from .autoencoders import decode_in_batches
 
@@ -198,7 +198,7 @@ def sample_uint8(model: CausalFusion, labels: torch.Tensor, setting: EvalSetting
 
 def evaluate_model(model: CausalFusion, settings: list[EvalSetting], extractor: FeatureExtractor, reference: ReferenceStats,
                    n: int = 2000, seed: int = 0, batch_size: int = 500, autoencoder: Autoencoder | None = None,
-                   compile: bool = False) -> list[dict]:
+                   compile: bool = False, progress: bool = False) -> list[dict]:
     """One row per setting: the setting's fields (its ``precision`` as ``sample_precision``), the
     metrics, and the seconds it took."""
     if n < 2:
@@ -208,7 +208,7 @@ def evaluate_model(model: CausalFusion, settings: list[EvalSetting], extractor: 
     rows = []
     for st in settings:
         t0 = time.perf_counter()
-        images = sample_uint8(model, labels, st, seed, batch_size, autoencoder, compile)
+        images = sample_uint8(model, labels, st, seed, batch_size, autoencoder, compile, progress)
         t1 = time.perf_counter()
         m = evaluate(images, score_labels, extractor, reference, layout="NHWC")
         # the setting's fp32/bf16 goes in as sample_precision: "precision" is the precision/recall metric,
@@ -228,11 +228,12 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: int | list[in
                         data: str | None = None, inception: str | Path | None = None, ref: str | Path | None = None,
                         raw: bool = False, device: str = "cpu", batch_size: int = 500, block: int | None = None,
                         dilation: int | None = None, cache_dir: str | Path | None = None,
-                        vae_path: str | Path | None = None, precision: str = "fp32", compile: bool = False) -> list[dict]:
+                        vae_path: str | Path | None = None, precision: str = "fp32", compile: bool = False,
+                        progress: bool = False) -> list[dict]:
     """Sample a run at each S in ``ar_steps`` and score it (see ``evaluate_model``). ``order``,
     ``block``, ``dilation``: None = the ones the run was trained with; ``vae_path`` where a latent
     run's VAE weights are now, if moved (checked by sha256); ``precision`` fp32 or bf16 sampling;
-    ``compile`` samples through torch.compile."""
+    ``compile`` samples through torch.compile; ``progress`` shows a bar per sampling batch."""
     from .autoencoders import IdentityAutoencoder
     from .checkpoint import load_model, read_config, run_autoencoder
     from .sampling import model_order
@@ -250,7 +251,7 @@ def evaluate_checkpoint(ckpt: str | Path, n: int = 2000, ar_steps: int | list[in
     reference = reference_stats(data, ext, ref, cache_dir, *pixel_size_and_channels(model.cfg, ae))
     ae = None if isinstance(ae, IdentityAutoencoder) else ae
     settings = [EvalSetting(s, order, steps, cfg, block, dilation, precision) for s in ar_steps]
-    return evaluate_model(model, settings, ext, reference, n, seed, batch_size, ae, compile)
+    return evaluate_model(model, settings, ext, reference, n, seed, batch_size, ae, compile, progress)
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -9,8 +9,9 @@ import torch
 
 def adamw(params, lr: float, eps: float = 1e-8) -> torch.optim.AdamW:
     """The paper's optimiser (Tab. 9/10): AdamW with betas (0.9, 0.95) and no weight decay (the
-    release's train.py also sets eps 1e-15)."""
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=0.0)
+    release's train.py also sets eps 1e-15). ``fused``: one kernel updates every tensor; the default
+    on a CPU is a Python loop of several kernels per tensor."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=0.0, fused=True)
 
 
 def warmup_lr(step: int, lr: float, warmup: int) -> float:

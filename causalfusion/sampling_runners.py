@@ -74,10 +74,12 @@ class Condition:
 class CachedRunner:
     """Condition + finished groups live in a preallocated KV cache; each call runs only the group."""
 
+    spare_slots = 0  # cache slots beyond the longest sequence ever seen
+
     def __init__(self, model: CausalFusion, cond: Condition):
         c = model.cfg
         self.model, self.cond = model, cond
-        self.cache = KVCache(c.depth, cond.length + c.num_tokens)  # the longest sequence ever seen
+        self.cache = KVCache(c.depth, cond.length + c.num_tokens + self.spare_slots)
         model.run_blocks(cond.tokens, cond.self_mask(), self.cache)
         self.cache.commit(cond.length)
 

@@ -32,6 +32,24 @@ def test_sample_writes_grid_and_adm_npz(run_dir, tmp_path):
     assert data["labels"].dtype == np.int64 and sorted(data["labels"].tolist()) == [3, 3, 7, 7]
 
 
+@pytest.mark.parametrize("command", [
+    ["sample", "--class", "3", "--n", "2", "--out", "{tmp}/s.png"],
+    ["edit", "--generate-class", "1", "--class", "2", "--n", "1", "--out", "{tmp}/e.png"],
+    ["eval", "--n", "10", "--batch-size", "10"],
+])
+def test_no_progress_turns_the_sampling_bars_off(run_dir, tmp_path, monkeypatch, command):
+    """sample, edit and eval show sampling progress unless --no-progress (seen by ``sample`` itself)."""
+    import causalfusion.sampling as sampling
+
+    seen, real = [], sampling.sample
+    monkeypatch.setattr(sampling, "sample", lambda *a, **kw: seen.append(kw.get("progress", False)) or real(*a, **kw))
+    args = [x.replace("{tmp}", str(tmp_path)) for x in command]
+    base = [args[0], "--ckpt", str(run_dir), *args[1:], "--sample-steps", "2"]
+    assert main(base) == 0 and any(seen)
+    seen.clear()
+    assert main([*base, "--no-progress"]) == 0 and seen and not any(seen)
+
+
 def test_params_counts_without_weights(capsys):
     assert main(["params", "--preset", "L"]) == 0
     out = capsys.readouterr().out

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from causalfusion.ar_plan import ARPlanConfig, random_group_sizes
-from causalfusion.compiling import CompiledForward
+from causalfusion.compiling import CompiledForward, bf16_linear_copy
 from causalfusion.shape_buckets import padded_clean_length, training_graph_count
 from causalfusion.models import CausalFusion, ModelConfig, num_tokens_before_last
 from causalfusion.sampling import sample
@@ -45,6 +45,51 @@ def test_compiled_sampling_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * float(eager.abs().max()))
     with pytest.raises(ValueError, match="KV cache"):
         sample(model, labels, compile=True, cache=False, **kw)
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-3), ("bf16", 2e-2)])
+def test_compiled_sampling_follows_weight_changes_and_stays_per_model(precision, tol):
+    """A second model of the same shape, and the same model after an in-place update (as in-loop
+    sampling sees), must each sample what eager samples; bf16 runs on a cached bf16 copy of the
+    weights, which must be remade when they change."""
+    a, b = make_tiny_model(depth=1, seed=0), make_tiny_model(depth=1, seed=1)
+    labels, kw = torch.tensor([0, 1]), dict(ar_steps=2, steps=2, seed=3, precision=precision)
+
+    def check(model):
+        eager = sample(model, labels, **kw)
+        torch.testing.assert_close(sample(model, labels, compile=True, **kw), eager,
+                                   rtol=tol, atol=tol * float(eager.abs().max()))
+        return eager
+
+    first = check(a)
+    assert not torch.allclose(check(b), first, atol=0.2 * float(first.abs().max()))  # far apart
+    with torch.no_grad():
+        for p in a.parameters():
+            p.mul_(0.5)  # as an optimizer or EMA step would: same tensors, new values
+    assert not torch.allclose(check(a), first, atol=0.2 * float(first.abs().max()))
+
+
+def test_bf16_linear_copy_computes_exactly_what_autocast_computes():
+    model = make_tiny_model(depth=2)
+    copy = bf16_linear_copy(model)
+    assert copy is bf16_linear_copy(model)  # made once per model and weights
+    assert {p.dtype for p in copy.parameters()} == {torch.float32, torch.bfloat16}  # LayerNorms stay fp32
+    c = model.cfg
+    tokens, pos, t = torch.randn(2, c.num_tokens, c.patch_dim), torch.arange(c.num_tokens).expand(2, -1), torch.tensor([[5], [700]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = [m.output(m.run_blocks(m.embed_tokens(tokens, pos, t), None, None)) for m in (model, copy)]
+    assert torch.equal(out[0], out[1])
+
+
+def test_compiled_sampling_needs_few_graphs_across_ar_steps():
+    """One graph serves every prefix length: S=1, 2, 4 and 8 in one process need at most 4
+    (S=1's denoise; then denoise and commit, each recompiled once when the group size changes)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = make_tiny_model(depth=1)
+    for s in (1, 2, 4, 8):
+        sample(model, torch.tensor([0, 1]), ar_steps=s, steps=2, compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
 
 
 def test_random_s_run_compiles_at_most_the_bucket_count():

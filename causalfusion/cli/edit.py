@@ -69,7 +69,7 @@ def cmd_edit(a: argparse.Namespace) -> None:
                  groups=opts["groups"], order=opts["order"], steps=opts["steps"], sampler=a.sampler, eta=a.eta,
                  cfg=cfgs[0], cfg_interval=opts["cfg_interval"], seed=a.seed,
                  first_index=0 if a.image else len(originals),  # generated originals are samples 0..B-1
-                 cache=not a.no_cache, block=a.block, dilation=a.dilation, autoencoder=ae, progress=True,
+                 cache=not a.no_cache, block=a.block, dilation=a.dilation, autoencoder=ae, progress=not a.no_progress,
                  precision=a.precision, compile=a.compile)
     save_grid(edit_figure(originals, pixels, edits, a.n), a.out, nrow=a.n + 2)
     print(f"wrote {a.out}: {len(originals)} row(s) of original | masked input | {a.n} variation(s)")
@@ -102,5 +102,6 @@ def add_parser(sub) -> None:
     e.add_argument("--cfg", default="1.0", help="classifier-free guidance scale (--eval-digits: a list, e.g. 1,3)")
     e.add_argument("--batch-size", type=int, default=100, help="--eval-digits: digits per batch")
     e.add_argument("--json", default=None, help="--eval-digits: also write the rows as JSON (default: none)")
+    e.add_argument("--no-progress", action="store_true", help="no sampling progress bar")
     e.set_defaults(func=cmd_edit)
 

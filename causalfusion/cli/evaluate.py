@@ -23,7 +23,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
                                    steps=a.sample_steps, cfg=a.cfg, seed=a.seed, data=a.data, inception=a.inception,
                                    ref=a.ref, raw=a.raw, device=a.device, batch_size=a.batch_size, block=a.block,
                                    dilation=a.dilation, vae_path=a.vae_path, precision=a.precision,
-                                   compile=a.compile)
+                                   compile=a.compile, progress=not a.no_progress)
         print(format_rows(rows))
     if a.json:
         write_json(a.json, rows)
@@ -119,6 +119,7 @@ def add_parser(sub) -> None:
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="sampling: bf16 runs the model under autocast")
     e.add_argument("--compile", action="store_true", help="sample through torch.compile (see docs/performance.md)")
+    e.add_argument("--no-progress", action="store_true", help="no sampling progress bars")
     e.add_argument("--vae-path", default=None, help="where a latent run's VAE weights are now (if moved); checked by sha256")
     e.add_argument("--json", default=None, help="also write the numbers as JSON (default: none)")
     e.set_defaults(func=cmd_eval)

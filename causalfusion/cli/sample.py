@@ -52,7 +52,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
               block=a.block, dilation=a.dilation, precision=a.precision, compile=a.compile)
     t0 = time.perf_counter()
     arr = sample_in_chunks(a.n, a.batch_size, lambda s, e: finite_images(decode_in_batches(ae, sample(
-        model, labels[s:e], first_index=s, progress=env.is_main, path=path if s == 0 else None, **kw))), env)
+        model, labels[s:e], first_index=s, progress=env.is_main and not a.no_progress, path=path if s == 0 else None, **kw))), env)
     finalize_distributed()
     if arr is None:  # a rank > 0 of torchrun: rank 0 has gathered everything and writes the files
         return
@@ -89,6 +89,7 @@ def add_parser(sub) -> None:
     s.add_argument("--per-class", type=int, default=None, help="N images of every class (sets --n; e.g. 50 for FID-50k; default: use --n)")
     s.add_argument("--path-gif", default=None, help="also write an animated GIF of the generation path (default: none)")
     s.add_argument("--check-digits", action="store_true", help="digits models: print the classifier agreement")
+    s.add_argument("--no-progress", action="store_true", help="no sampling progress bar")
     s.set_defaults(func=cmd_sample)
 
 
