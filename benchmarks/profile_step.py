@@ -6,7 +6,7 @@ and their self CPU time summed by op group:
 
 * CausalFusion, eager (the ``train`` default);
 * CausalFusion, compiled (``train --compile``): inductor's fused kernels (LayerNorm, GELU, softmax,
-  casts; forward and backward) land in "other";
+  casts; forward and backward) land in "other", and the largest are listed by name;
 * a plain pre-LN transformer of the same depth, width, heads and MLP on the same 260 tokens: no
   mask, no QK-norm, no embeddings or timestep MLP, a mean-square loss (the floor for this size),
   eager and compiled (``torch.compile``, the same inductor options): how far compiling gets on a
@@ -21,6 +21,7 @@ attention implementations of ``causalfusion.attention`` alone, bf16 forward + ba
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections import defaultdict
 
@@ -68,16 +69,28 @@ class PlainBlock(nn.Module):
 
 
 def group_times(prof) -> dict[str, float]:
-    """Self CPU ms per op group (``GROUPS``; the rest is "other")."""
+    """Self CPU ms per op group (``GROUPS``; inductor's fused kernels and the rest are "other")."""
     out: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
-        group = next((g for g, keys in GROUPS.items() if any(k in e.key for k in keys)), "other")
+        fused = "cpp_fused" in e.key
+        group = next((g for g, keys in GROUPS.items() if not fused and any(k in e.key for k in keys)), "other")
         out[group] += e.self_cpu_time_total / 1e3
     return out
 
 
-def measure(step, steps: int) -> tuple[float, dict[str, float]]:
-    """(median wall s of ``steps`` unprofiled calls, mean self ms per group over ``steps`` profiled ones)."""
+def fused_kernels(prof, steps: int) -> dict[str, float]:
+    """ms per step of each of inductor's fused kernels, by name (the same name in several graphs summed)."""
+    out: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if "cpp_fused_" in e.key:
+            name = re.sub(r"_\d+$", "", e.key.split("cpp_fused_", 1)[1]).strip("_")
+            out[name] += e.self_cpu_time_total / 1e3 / steps
+    return out
+
+
+def measure(step, steps: int) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(median wall s of ``steps`` unprofiled calls, mean self ms per group over ``steps`` profiled
+    ones, ms per step of each fused kernel)."""
     for _ in range(2):
         step()  # warm-up (and compilation)
     walls = []
@@ -88,7 +101,7 @@ def measure(step, steps: int) -> tuple[float, dict[str, float]]:
     with profile() as prof:
         for _ in range(steps):
             step()
-    return sorted(walls)[steps // 2], {k: v / steps for k, v in group_times(prof).items()}
+    return sorted(walls)[steps // 2], {k: v / steps for k, v in group_times(prof).items()}, fused_kernels(prof, steps)
 
 
 def causalfusion_step(cfg: ModelConfig, compiled: bool, x0: torch.Tensor, y: torch.Tensor):
@@ -138,7 +151,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="timed and profiled steps per model")
     p.add_argument("--batch", type=int, default=8, help="training batch")
+    p.add_argument("--kernels", type=int, default=6, help="largest fused kernels listed per compiled model")
     a = p.parse_args()
+    torch._inductor.config.cpp.enable_kernel_profile = True  # name each fused kernel in the profile
     cfg = ModelConfig.from_preset("S", **SHAPE)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(a.batch, 4, 32, 32, generator=g).clamp(-1, 1)
@@ -165,6 +180,11 @@ def main() -> None:
     print(f"eager CausalFusion / plain transformer (wall): {wall['CausalFusion eager'] / wall['plain transformer eager']:.2f}")
     print(f"compiled / eager (wall): CausalFusion {wall['CausalFusion compiled'] / wall['CausalFusion eager']:.2f}, "
           f"plain transformer {wall['plain transformer compiled'] / wall['plain transformer eager']:.2f}")
+    for name in ("CausalFusion compiled", "plain transformer compiled"):
+        kernels = sorted(results[name][2].items(), key=lambda kv: -kv[1])
+        print(f"\n{name}: fused kernels {sum(results[name][2].values()):.0f} ms per step; the largest:")
+        for kernel, ms in kernels[:a.kernels]:
+            print(f"  {ms:6.1f} ms  {kernel}")
     b, h, n, d = a.batch, cfg.num_heads, cfg.num_cond + cfg.num_tokens, cfg.hidden_size // cfg.num_heads
     fused = attention_ms(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), b, h, n, d)
     print(f"attention alone, bf16 forward + backward, [{b}, {h}, {n}, {d}]: fused kernel {fused:.1f} ms, "

@@ -39,10 +39,13 @@ def test_sample_writes_grid_and_adm_npz(run_dir, tmp_path):
 ])
 def test_no_progress_turns_the_sampling_bars_off(run_dir, tmp_path, monkeypatch, command):
     """sample, edit and eval show sampling progress unless --no-progress (seen by ``sample`` itself)."""
+    import causalfusion.editing as editing
     import causalfusion.sampling as sampling
 
     seen, real = [], sampling.sample
-    monkeypatch.setattr(sampling, "sample", lambda *a, **kw: seen.append(kw.get("progress", False)) or real(*a, **kw))
+    spy = lambda *a, **kw: seen.append(kw.get("progress", False)) or real(*a, **kw)  # noqa: E731
+    for module in (sampling, editing):
+        monkeypatch.setattr(module, "sample", spy)
     args = [x.replace("{tmp}", str(tmp_path)) for x in command]
     base = [args[0], "--ckpt", str(run_dir), *args[1:], "--sample-steps", "2"]
     assert main(base) == 0 and any(seen)
