@@ -9,9 +9,10 @@ The number of graphs stays small and bounded:
 * Sampling: ``CompiledCachedRunner`` hands each call the filled slots of the preallocated KV cache
   as views whose length is a dynamic dimension, and new keys/values go to their slots by an index
   tensor, so one graph serves every prefix length. Graphs: one per kind of call (denoise, commit;
-  with or without an interval-CFG mask) and group size; a second group size makes that dimension
-  dynamic too. S=1 compiles 1 graph, any S with equal groups 2 (with S=1's: 4 at most). Under bf16
-  autocast the graphs run on ``bf16_linear_copy(model)``.
+  with or without a mask for rows blind to the condition); a second group size or row count makes
+  that dimension dynamic instead of adding graphs. A process sampling at S = 1, 2, 4 and 8, with or
+  without guidance, compiles at most 4. Under bf16 autocast the graphs run on
+  ``bf16_linear_copy(model)``.
 
 Compile time is paid on the first call of each graph (and the first backward in training).
 """
@@ -157,11 +158,8 @@ class CompiledCachedRunner(CachedRunner):
         keys, values = [k[:, :, :length] for k in cache.keys], [v[:, :, :length] for v in cache.values]
         for x in (*keys, *values):
             torch._dynamo.maybe_mark_dynamic(x, 2)  # one graph for every prefix length
-        mask = None
-        blind = self.cond.blind_rows(rows)
-        if blind is not None:  # the null rows of a CFG interval may not see the condition
-            mask = torch.ones(rows, 1, n, length, dtype=torch.bool, device=tokens.device)
-            mask[blind, :, :, :self.cond.length] = False
+        mask = self._blind_mask(rows, n, length, tokens.device)  # rows blind to the condition (multimodal CFG)
+        if mask is not None:
             torch._dynamo.maybe_mark_dynamic(mask, 3)
         return self._pass(self.model, tokens.contiguous(), pos.contiguous(), t, keys, values, slots, mask)
 

@@ -83,16 +83,21 @@ class CachedRunner:
         model.run_blocks(cond.tokens, cond.self_mask(), self.cache)
         self.cache.commit(cond.length)
 
+    def _blind_mask(self, rows: int, n: int, length: int, device) -> torch.Tensor | None:
+        """bool [rows, 1, n, length] (True = may attend) for n new tokens over ``length`` cache slots
+        (theirs included), hiding the condition from the rows that may not see it; None: no such row."""
+        blind = self.cond.blind_rows(rows)
+        if blind is None:
+            return None
+        mask = torch.ones(rows, 1, n, length, dtype=torch.bool, device=device)
+        mask[blind, :, :, :self.cond.length] = False
+        return mask
+
     def _run(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """h [rows, n, D] after the cached prefix: it sees all of it and itself, except the
         condition for the rows that may not see it."""
         rows, n = h.shape[:2]
-        blind = self.cond.blind_rows(rows)
-        mask = None
-        if blind is not None:
-            mask = torch.ones(rows, 1, n, cache.length + n, dtype=torch.bool, device=h.device)
-            mask[blind, :, :, :self.cond.length] = False
-        return self.model.run_blocks(h, mask, cache)
+        return self.model.run_blocks(h, self._blind_mask(rows, n, cache.length + n, h.device), cache)
 
     def output(self, tokens: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Noisy tokens [rows, n, P] at raster positions [rows, n], timesteps [rows, 1] -> output [rows, n, P];

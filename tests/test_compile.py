@@ -8,7 +8,8 @@ from causalfusion.ar_plan import ARPlanConfig, random_group_sizes
 from causalfusion.compiling import CompiledForward, bf16_linear_copy
 from causalfusion.shape_buckets import padded_clean_length, training_graph_count
 from causalfusion.models import CausalFusion, ModelConfig, num_tokens_before_last
-from causalfusion.sampling import sample
+from causalfusion.sampling import class_condition, sample
+from causalfusion.sampling_runners import Condition
 from causalfusion.trainer import TrainConfig, Trainer
 
 from conftest import make_tiny_model
@@ -45,6 +46,19 @@ def test_compiled_sampling_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * float(eager.abs().max()))
     with pytest.raises(ValueError, match="KV cache"):
         sample(model, labels, compile=True, cache=False, **kw)
+
+
+def test_compiled_sampling_with_rows_blind_to_the_condition_matches_eager():
+    """Rows that may not see the condition (the null rows of a multimodal CFG) get a mask in the
+    compiled calls too, over a prefix whose length changes from call to call."""
+    model = make_tiny_model(depth=1)
+    tokens = class_condition(model, torch.tensor([0, 1]), null_rows=True).tokens
+    tokens[2:] = torch.randn(tokens[2:].shape, generator=torch.Generator().manual_seed(9))  # tokens the blind rows must not see
+    visible = torch.tensor([True, True, False, False])
+    kw = dict(groups=[4, 12], steps=2, cfg=0.0, seed=3)  # cfg 0: the images are the blind rows' predictions
+    eager = sample(model, Condition(tokens, visible=visible), **kw)
+    compiled = sample(model, Condition(tokens, visible=visible), compile=True, **kw)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * float(eager.abs().max()))
 
 
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-3), ("bf16", 2e-2)])
@@ -84,12 +98,13 @@ def test_bf16_linear_copy_computes_exactly_what_autocast_computes():
 def test_compiled_sampling_needs_few_graphs_across_ar_steps():
     """One graph serves every prefix length: S=1, 2, 4 and 8 in one process need at most 4
     (S=1's denoise; then denoise and commit, each recompiled once when the group size changes)."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     model = make_tiny_model(depth=1)
-    for s in (1, 2, 4, 8):
-        sample(model, torch.tensor([0, 1]), ar_steps=s, steps=2, compile=True)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+    for guidance in (dict(), dict(cfg=2.0, cfg_interval=(0, 500))):  # the interval changes the row count
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        for s in (1, 2, 4, 8):
+            sample(model, torch.tensor([0, 1]), ar_steps=s, steps=4, compile=True, **guidance)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
 
 
 def test_random_s_run_compiles_at_most_the_bucket_count():
